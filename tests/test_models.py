@@ -1,0 +1,404 @@
+"""Behaviour of models.py: shapes, positions, attention isolation, masking, EMA, learning, loading."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models as M
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def split(image, masking=None, seed=0, patch=8):
+    return M.split_image(image, patch, masking or M.MultiBlockMasking(), gen(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes
+
+
+@pytest.mark.parametrize("preset", sorted(M.PRESETS))
+@pytest.mark.parametrize("hw", [(32, 32), (48, 80), (96, 32)])
+def test_encoder_shapes_every_preset(preset, hw):
+    cfg = M.JEPAConfig(model=preset, patch_size=16).encoder_config()
+    enc = M.VisionTransformer(cfg)
+    images = torch.rand(2, 3, *hw)
+    out, layers = enc.encode(images, return_layers=True)
+    n = (hw[0] // 16) * (hw[1] // 16)
+    assert out.shape == (2, n, cfg.dim)
+    assert len(layers) == cfg.depth and all(t.shape == (2, n, cfg.dim) for t in layers)
+
+
+def test_predictor_outputs_only_target_slots():
+    model = M.IJEPA(M.JEPAConfig(patch_size=8))
+    batch = M.mask_images(torch.rand(3, 3, 64, 48), 8, M.MultiBlockMasking(), gen())
+    out = model(batch)
+    assert out.token_loss.shape == (int(batch.predict.sum()),)
+    assert out.extras["pred"].shape == (int(batch.predict.sum()), 128)
+    assert out.token_pos[:, 0].max() < 8 and out.token_pos[:, 1].max() < 6
+
+
+# ---------------------------------------------------------------------------------------------
+# positions
+
+
+def test_sincos_matches_direct_formula():
+    dim, h, w = 16, 5, 7
+    table = M.sincos_2d(M.grid_coords(h, w), dim)  # (h*w, dim)
+    q = dim // 4
+    for r in range(h):
+        for c in range(w):
+            expected = []
+            for x in (c, r):  # first half: column, second half: row
+                expected += [math.sin(x / 10000 ** (k / q)) for k in range(q)]
+                expected += [math.cos(x / 10000 ** (k / q)) for k in range(q)]
+            torch.testing.assert_close(table[r * w + c], torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_sincos_of_packed_coordinates_equals_grid_table():
+    table = M.sincos_2d(M.grid_coords(6, 4), 32)
+    pos = torch.tensor([[5, 3], [0, 0], [2, 1]])
+    torch.testing.assert_close(M.sincos_2d(pos, 32), table[[23, 0, 9]])
+
+
+def test_patchify_roundtrip_and_raster_order():
+    images = torch.rand(2, 3, 16, 24)
+    patches = M.patchify(images, 8)
+    assert patches.shape == (2, 6, 192)
+    torch.testing.assert_close(patches[0, 4].reshape(3, 8, 8), images[0, :, 8:16, 8:16])  # row 1, col 1
+    torch.testing.assert_close(M.unpatchify(patches, (2, 3), 8), images)
+
+
+def test_patch_embedding_equals_official_conv():
+    enc = M.VisionTransformer(M.ViTConfig(dim=32, depth=1, heads=2, patch_size=8))
+    images = torch.rand(2, 3, 16, 16)
+    conv = F.conv2d(images, enc.patch_embed.weight.reshape(32, 3, 8, 8), enc.patch_embed.bias, stride=8)
+    ours = enc.patch_embed(M.patchify(images, 8))  # (B, N, D)
+    torch.testing.assert_close(ours, conv.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention-mask convention
+
+
+def two_image_row(a, b, masking=None):
+    """A packed batch whose single row holds images a and b, plus trailing padding."""
+    sa, sb = split(a, masking, 1), split(b, masking, 2)
+    lc = len(sa.context_pos) + len(sb.context_pos) + 5
+    lt = len(sa.target_pos) + len(sb.target_pos) + 5
+    return M.MaskedBatch.from_rows([[sa, sb]], lc, lt)
+
+
+def test_attention_mask_convention():
+    sample = torch.tensor([[0, 0, 1, -1]])
+    mask = M.attention_mask(sample)[0, 0]
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("condition", [False, True])
+def test_no_attention_leak_between_samples(condition):
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig(condition_encoders=condition))
+    a, b = torch.rand(3, 32, 32), torch.rand(3, 32, 32)
+    batch1 = two_image_row(a, b)
+    batch2 = two_image_row(torch.rand(3, 32, 32), b)  # only image 0's pixels change
+    with torch.no_grad():
+        out1, out2 = model(batch1), model(batch2)
+        ctx1 = model.student(batch1.context_patches, batch1.context_pos, batch1.context_sample)
+        ctx2 = model.student(batch2.context_patches, batch2.context_pos, batch2.context_sample)
+    other = batch1.context_sample == 1
+    assert torch.equal(ctx1[other], ctx2[other])  # bit-identical
+    assert not torch.allclose(ctx1[batch1.context_sample == 0], ctx2[batch1.context_sample == 0])
+    keep = out1.token_sample == 1
+    assert torch.equal(out1.token_loss[keep], out2.token_loss[keep])
+    assert torch.equal(out1.extras["pred"][keep], out2.extras["pred"][keep])
+
+
+def test_padding_never_changes_a_real_token():
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig(feature_norm="batchnorm"))
+    s = split(torch.rand(3, 64, 64))
+    tight = M.MaskedBatch.from_rows([[s]], len(s.context_pos), len(s.target_pos))
+    padded = M.MaskedBatch.from_rows([[s]], len(s.context_pos) + 17, len(s.target_pos) + 9)
+    padded.context_patches[0, len(s.context_pos):] = 7.0  # garbage in padding slots
+    padded.target_patches[0, len(s.target_pos):] = -3.0
+    with torch.no_grad():
+        o1, o2 = model(tight), model(padded)
+    torch.testing.assert_close(o1.token_loss, o2.token_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o1.extras["pred"], o2.extras["pred"], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(o2.loss)
+
+
+def test_padding_mask_passed_as_attention_mask_is_the_bug():
+    """SDPA's boolean mask means True = may attend. Passing a padding mask (True = pad) instead
+    makes real tokens attend to padding: the outputs change. The correct mask gives the same
+    result as the unpadded sequence."""
+    torch.manual_seed(0)
+    attn = M.Attention(32, 4)
+    x = torch.randn(1, 6, 32)
+    sample = torch.tensor([[0, 0, 0, 0, -1, -1]])
+    with torch.no_grad():
+        alone = attn(x[:, :4], M.attention_mask(sample[:, :4]))
+        right = attn(x, M.attention_mask(sample))[:, :4]
+        padding_mask = (sample < 0)[:, None, None, :]  # True = padding: the wrong convention
+        wrong = attn(x, padding_mask)[:, :4]
+    torch.testing.assert_close(right, alone, atol=1e-6, rtol=1e-5)
+    assert (wrong - alone).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# masking
+
+
+@pytest.mark.parametrize("masking, grid", [(M.MultiBlockMasking(), (8, 8)), (M.MultiBlockMasking(), (6, 10)),
+                                           (M.MultiBlockMasking(), (14, 14)), (M.WindowMasking(), (8, 12))])
+def test_masks_disjoint_and_cover_every_patch(masking, grid):
+    h, w = grid
+    g = gen()
+    seen_ctx, seen_tgt = torch.zeros(h * w, dtype=torch.bool), torch.zeros(h * w, dtype=torch.bool)
+    for _ in range(2000):
+        m = masking(h, w, g)
+        assert len(m.context) > 0 and len(m.target) > 0
+        assert not set(m.context.tolist()) & set(m.target.tolist())
+        seen_ctx[m.context] = True
+        seen_tgt[m.target] = True
+    assert seen_ctx.all() and seen_tgt.all(), "every patch (last row and column included) is reachable"
+
+
+def test_multiblock_terminates_on_every_grid_from_4_to_32():
+    masking, g = M.MultiBlockMasking(), gen()
+    for h in range(4, 33):
+        for w in range(4, 33):
+            m = masking(h, w, g)
+            assert len(m.context) >= min(10, math.ceil(0.1 * h * w)) and len(m.target) > 0
+
+
+def test_multiblock_fallback_keeps_enough_context():
+    # Huge targets leave almost no context: the bounded retries must end in the fallback.
+    masking = M.MultiBlockMasking(target_scale=(0.6, 0.7), attempts=3)
+    g = gen()
+    for _ in range(50):
+        m = masking(5, 5, g)
+        assert len(m.context) >= 3 and len(m.target) > 0
+
+
+def test_multiblock_scale_and_aspect_are_independent():
+    masking, g = M.MultiBlockMasking(), gen()
+    areas, aspects = [], []
+    for _ in range(3000):
+        block = masking.block(32, 32, masking.target_scale, masking.target_aspect, g)
+        rows, cols = block.any(1).sum().item(), block.any(0).sum().item()
+        areas.append(rows * cols)
+        aspects.append(rows / cols)
+    corr = torch.corrcoef(torch.tensor([areas, aspects], dtype=torch.float64))[0, 1]
+    assert abs(corr) < 0.15, f"block area and aspect correlate ({corr:.2f}): drawn from one number?"
+
+
+def test_masks_are_reproducible_and_per_image_lengths_are_kept():
+    images = torch.rand(6, 3, 64, 64)
+    b1 = M.mask_images(images, 8, M.MultiBlockMasking(), gen(3))
+    b2 = M.mask_images(images, 8, M.MultiBlockMasking(), gen(3))
+    assert torch.equal(b1.context_pos, b2.context_pos) and torch.equal(b1.predict, b2.predict)
+    lengths = (b1.context_sample >= 0).sum(1)
+    assert len(set(lengths.tolist())) > 1, "no truncation to the batch's shortest context"
+
+
+def test_window_masking_works_in_windows():
+    m = M.WindowMasking(window=2)(8, 8, gen())
+    grid = torch.zeros(64, dtype=torch.bool)
+    grid[m.context] = True
+    windows = grid.reshape(4, 2, 4, 2).permute(0, 2, 1, 3).reshape(16, 4)
+    assert ((windows.sum(1) == 0) | (windows.sum(1) == 4)).all()
+    assert 0.25 * 16 - 1 <= windows.all(1).sum() <= 0.5 * 16 + 1
+
+
+def test_split_streams_hold_the_whole_image_once():
+    image = torch.rand(3, 48, 64)
+    s = split(image)
+    pos = torch.cat([s.context_pos, s.target_pos])
+    assert len(pos) == 6 * 8 and len({tuple(p) for p in pos.tolist()}) == 48
+    rebuilt = torch.zeros(48, 3 * 64)
+    rebuilt[pos[:, 0] * 8 + pos[:, 1]] = torch.cat([s.context_patches, s.target_patches])
+    torch.testing.assert_close(M.unpatchify(rebuilt[None], (6, 8), 8)[0], image)
+
+
+# ---------------------------------------------------------------------------------------------
+# feature normalisation, EMA, schedules
+
+
+def test_batchnorm_targets_use_valid_tokens_only():
+    feats = torch.randn(2, 5, 4)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    out = M.normalize_targets(feats, valid, "batchnorm")
+    feats2 = feats.clone()
+    feats2[~valid] = 100.0
+    torch.testing.assert_close(M.normalize_targets(feats2, valid, "batchnorm")[valid], out[valid])
+    torch.testing.assert_close(out[valid].mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+
+
+def test_layernorm_targets_have_equal_norms():
+    out = M.normalize_targets(torch.randn(2, 5, 16) * torch.rand(2, 5, 1) * 10, None, "layernorm")
+    torch.testing.assert_close(out.norm(dim=-1), torch.full((2, 5), 4.0), atol=1e-3, rtol=0)
+
+
+def test_ema_update_arithmetic_and_dyntanh_alpha_follows():
+    model = M.IJEPA(M.JEPAConfig(feature_norm="dyntanh"))
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.9)
+    for t0, t, s in zip(teacher_before, model.teacher.parameters(), model.student.parameters()):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
+    alpha_t, alpha_s = model.teacher.norm.alpha, model.student.norm.alpha
+    torch.testing.assert_close(alpha_t, 0.9 * torch.full_like(alpha_t, 0.5) + 0.1 * alpha_s)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_schedules():
+    assert M.lr_at(0, 100, 1e-3, 10) == pytest.approx(1e-4)
+    assert M.lr_at(9, 100, 1e-3, 10) == pytest.approx(1e-3)
+    assert M.lr_at(100, 100, 1e-3, 10, final=1e-6) == pytest.approx(1e-6)
+    assert M.lr_at(55, 100, 1e-3, 10) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert M.weight_decay_at(0, 100) == pytest.approx(0.04) and M.weight_decay_at(100, 100) == pytest.approx(0.4)
+    assert M.ema_momentum_at(0, 100) == pytest.approx(0.996) and M.ema_momentum_at(50, 100) == pytest.approx(0.998)
+    assert M.ema_momentum_at(100, 100) == pytest.approx(1.0)
+
+
+def test_param_groups_exclude_1d_and_mask_token_from_weight_decay():
+    model = M.IJEPA(M.JEPAConfig(feature_norm="dyntanh"))
+    decay, no_decay = M.param_groups(model)
+    decay_ids, no_ids = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
+    assert id(model.predictor.mask_token) in no_ids and id(model.student.norm.alpha) in no_ids
+    assert id(model.student.blocks[0].attn.qkv.weight) in decay_ids
+    assert all(p.ndim >= 2 for p in decay["params"])
+    teacher_ids = {id(p) for p in model.teacher.parameters()}
+    assert not teacher_ids & (decay_ids | no_ids)
+    trainable = {id(p) for p in model.student.parameters()} | {id(p) for p in model.predictor.parameters()}
+    assert decay_ids | no_ids == trainable
+
+
+def test_residual_projections_are_rescaled_at_init():
+    torch.manual_seed(0)
+    enc = M.VisionTransformer(M.ViTConfig(dim=192, depth=8, heads=3))
+    first, last = enc.blocks[0].mlp.fc2.weight.std(), enc.blocks[7].mlp.fc2.weight.std()
+    assert float(first / last) == pytest.approx(math.sqrt(8), rel=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning
+
+
+@pytest.mark.parametrize("masking", ["multiblock", "window"])
+def test_loss_halves_within_100_steps_on_a_fixed_batch(masking):
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig(model="micro", patch_size=8))
+    batch = M.mask_images(torch.rand(8, 3, 32, 32), 8, M.make_masking(masking), gen())
+    opt = torch.optim.AdamW(M.param_groups(model), lr=1e-3, weight_decay=0.04)
+    losses = []
+    for step in range(100):
+        loss = model(batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_teacher(M.ema_momentum_at(step, 100))
+        losses.append(loss.item())
+        if losses[-1] <= 0.5 * losses[0]:
+            break
+    assert losses[-1] <= 0.5 * losses[0], f"loss went {losses[0]:.4f} -> {losses[-1]:.4f} in 100 steps"
+
+
+# ---------------------------------------------------------------------------------------------
+# official checkpoints
+
+
+def official_layout(model: M.IJEPA) -> dict:
+    """Write our weights in the official checkpoint layout (DESIGN.md §2)."""
+    def encoder(enc):
+        sd = {}
+        for k, v in enc.state_dict().items():
+            if k.startswith("patch_embed."):
+                k = k.replace("patch_embed.", "patch_embed.proj.")
+                v = v.reshape(v.shape[0], 3, 8, 8) if v.ndim == 2 else v
+            sd["module." + k] = v.clone()
+        sd["module.pos_embed"] = M.sincos_2d(M.grid_coords(4, 4), enc.cfg.dim)[None]
+        return sd
+
+    pred = {"module.predictor_" + k if k != "mask_token" else "module.mask_token": v.clone()
+            for k, v in model.predictor.state_dict().items()}
+    pred["module.predictor_pos_embed"] = torch.zeros(1, 16, model.predictor.cfg.dim)
+    return {"encoder": encoder(model.student), "target_encoder": encoder(model.teacher),
+            "predictor": pred, "opt": {}, "epoch": 1}
+
+
+def test_official_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    src = M.IJEPA(M.JEPAConfig())
+    with torch.no_grad():
+        for p in src.teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # teacher != student, to catch a wrong source
+    path = tmp_path / "official.pth.tar"
+    torch.save(official_layout(src), path)
+
+    dst = M.IJEPA(M.JEPAConfig())
+    loaded = M.load_official_checkpoint(str(path), dst.teacher, dst.predictor)
+    assert loaded == ["target_encoder", "predictor"]
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dst.teacher.encode(images), src.teacher.encode(images))
+        batch = M.mask_images(images, 8, M.MultiBlockMasking(), gen())
+        ctx = src.student(batch.context_patches, batch.context_pos, batch.context_sample)
+        args = (ctx, batch.context_pos, batch.context_sample, batch.target_pos, batch.target_sample)
+        assert torch.equal(dst.predictor(*args), src.predictor(*args))
+
+
+def test_official_checkpoint_errors(tmp_path):
+    src = M.IJEPA(M.JEPAConfig())
+    path = tmp_path / "ckpt.pth.tar"
+    torch.save(official_layout(src), path)
+    truncated = tmp_path / "truncated.pth.tar"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    enc = M.IJEPA(M.JEPAConfig()).teacher
+    with pytest.raises(ValueError, match="truncated.pth.tar"):
+        M.load_official_checkpoint(str(truncated), enc)
+
+    sd = official_layout(src)
+    sd["target_encoder"]["module.blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight: file \(5, 5\)"):
+        M.load_official_checkpoint(sd, enc)
+
+    with pytest.raises(ValueError, match="unknown checkpoint layout.*'model'"):
+        M.load_official_checkpoint({"model": {}}, enc)
+
+    bigger = M.IJEPA(M.JEPAConfig(model="tiny")).teacher
+    with pytest.raises(ValueError, match="wrong shapes"):
+        M.load_official_checkpoint(official_layout(src), bigger)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_errors():
+    enc = M.VisionTransformer(M.JEPAConfig().encoder_config())
+    with pytest.raises(ValueError, match="multiples of the patch size 8"):
+        enc.encode(torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
+        enc.encode(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="at least 4x4"):
+        M.MultiBlockMasking()(3, 8, gen())
+    with pytest.raises(ValueError, match="multiples of 2"):
+        M.WindowMasking()(5, 8, gen())
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*micro"):
+        M.JEPAConfig(model="huge")
+    with pytest.raises(ValueError, match="unknown masking 'random'.*multiblock"):
+        M.make_masking("random")
+    with pytest.raises(ValueError, match="unknown feature norm 'rms'.*dyntanh"):
+        M.JEPAConfig(feature_norm="rms")
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        M.JEPAConfig(loss="l1")
