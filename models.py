@@ -375,6 +375,9 @@ def _randint(hi_inclusive: int, g: torch.Generator) -> int:
 class MultiBlockMasking:
     """I-JEPA multi-block masking: 4 target blocks and 1 large context block minus the targets.
 
+    The context block has the grid's own aspect ratio (on the official square grids: aspect 1),
+    so that it covers 85-100% of any grid; a square block on a 4x8 grid could cover only 62%.
+
     Unlike the official sampler: a block's corner is drawn over every valid position, so every
     patch can be a target and context (the official one never covers the last row and column);
     scale and aspect ratio are drawn independently; masks are per image, never truncated to the
@@ -393,8 +396,9 @@ class MultiBlockMasking:
     min_grid: int = 4
 
     def block(self, h, w, scale, aspect, g):
-        """A rectangle of about scale*h*w patches with height/width = aspect, as a (h, w) bool grid."""
-        s, a = _uniform(*scale, g), _uniform(*aspect, g)
+        """A rectangle of about scale*h*w patches with height/width in `aspect`, as an (h, w) bool grid."""
+        # aspect None: the grid's own shape, so the context block keeps its scale on any grid
+        s, a = _uniform(*scale, g), (h / w if aspect is None else _uniform(*aspect, g))
         bh = min(h, max(1, round(math.sqrt(s * h * w * a))))
         bw = min(w, max(1, round(math.sqrt(s * h * w / a))))
         top, left = _randint(h - bh, g), _randint(w - bw, g)  # inclusive: the last row is reachable
@@ -411,7 +415,7 @@ class MultiBlockMasking:
         for _ in range(self.attempts):
             targets = [self.block(h, w, self.target_scale, self.target_aspect, g)
                        for _ in range(self.num_targets)]
-            context = self.block(h, w, self.context_scale, (1.0, 1.0), g)
+            context = self.block(h, w, self.context_scale, None, g)
             kept = int((context & ~torch.stack(targets).any(0)).sum())
             if best is None or kept > best[2]:
                 best = (targets, context, kept)
