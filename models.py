@@ -16,7 +16,7 @@ packed batch (several images per row, see packing.py) go through the same forwar
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -306,9 +306,11 @@ def normalize_targets(feats: torch.Tensor, valid: torch.Tensor, mode: str) -> to
     """
     if mode == "layernorm":
         return F.layer_norm(feats, feats.shape[-1:])
-    if mode == "batchnorm":
-        tokens = feats[valid]  # (n_valid, D)
-        mean, var = tokens.mean(0), tokens.var(0, unbiased=False)
+    if mode == "batchnorm":  # masked statistics: no data-dependent shapes, so it compiles
+        w = valid[..., None].to(feats.dtype)  # (B, L, 1)
+        n = w.sum().clamp(min=1)
+        mean = (feats * w).sum((0, 1)) / n  # (D,)
+        var = ((feats - mean) ** 2 * w).sum((0, 1)) / n
         return (feats - mean) / torch.sqrt(var + 1e-6)
     return feats  # "dyntanh" and "none"
 
@@ -602,11 +604,29 @@ def pooled_position_tokens(pos_emb, slot, sample, n_slots):
 
 @dataclass
 class JEPAOutput:
+    """What a forward returns. Everything is laid out like the target stream (B, Lt), so shapes
+    never depend on the masks (a compiled model never recompiles); the properties list the T
+    predicted tokens alone."""
+
     loss: torch.Tensor  # scalar: mean over every predicted token and channel
-    token_loss: torch.Tensor  # (T,) mean loss of each predicted token
-    token_sample: torch.Tensor  # (T,) its image id in the batch
-    token_pos: torch.Tensor  # (T, 2) its (row, col): scatter into a grid to draw a loss map
-    extras: dict = field(default_factory=dict)  # predictions and targets, for analysis
+    loss_per_slot: torch.Tensor  # (B, Lt) mean loss of each target-stream slot (0 where not predicted)
+    predict: torch.Tensor  # (B, Lt) bool: the slots that count
+    sample: torch.Tensor  # (B, Lt) image id of each slot
+    pos: torch.Tensor  # (B, Lt, 2) (row, col) of each slot
+    prediction: torch.Tensor  # (B, Lt, D) the predictor's output
+    target: torch.Tensor  # (B, Lt, D) the normalised teacher features
+
+    @property
+    def token_loss(self):  # (T,) loss of each predicted token
+        return self.loss_per_slot[self.predict]
+
+    @property
+    def token_sample(self):  # (T,) its image id in the batch
+        return self.sample[self.predict]
+
+    @property
+    def token_pos(self):  # (T, 2) its (row, col): scatter into a grid to draw a loss map
+        return self.pos[self.predict]
 
 
 class IJEPA(nn.Module):
@@ -652,11 +672,10 @@ class IJEPA(nn.Module):
             per_elem = F.smooth_l1_loss(pred.float(), targets.float(), reduction="none", beta=1.0)
         else:
             per_elem = F.mse_loss(pred.float(), targets.float(), reduction="none")
-        token_loss = per_elem.mean(-1)[batch.predict]  # (T,)
-        return JEPAOutput(loss=token_loss.mean(), token_loss=token_loss,
-                          token_sample=batch.target_sample[batch.predict],
-                          token_pos=batch.target_pos[batch.predict],
-                          extras={"pred": pred[batch.predict], "target": targets[batch.predict]})
+        weight = batch.predict.to(per_elem.dtype)  # (B, Lt)
+        per_slot = per_elem.mean(-1) * weight  # (B, Lt)
+        loss = per_slot.sum() / weight.sum().clamp(min=1)
+        return JEPAOutput(loss, per_slot, batch.predict, batch.target_sample, batch.target_pos, pred, targets)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

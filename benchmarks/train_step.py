@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import models as M  # noqa: E402
+from train import training_step  # noqa: E402
 
 
 def main():
@@ -50,11 +51,7 @@ def main():
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        loss = model(batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.update_teacher(0.996)
+        training_step(model, opt, batch, momentum=0.996)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
 

@@ -38,7 +38,7 @@ def test_predictor_outputs_only_target_slots():
     batch = M.mask_images(torch.rand(3, 3, 64, 48), 8, M.MultiBlockMasking(), gen())
     out = model(batch)
     assert out.token_loss.shape == (int(batch.predict.sum()),)
-    assert out.extras["pred"].shape == (int(batch.predict.sum()), 128)
+    assert out.prediction[out.predict].shape == (int(batch.predict.sum()), 128)
     assert out.token_pos[:, 0].max() < 8 and out.token_pos[:, 1].max() < 6
 
 
@@ -116,7 +116,7 @@ def test_no_attention_leak_between_samples(condition):
     assert not torch.allclose(ctx1[batch1.context_sample == 0], ctx2[batch1.context_sample == 0])
     keep = out1.token_sample == 1
     assert torch.equal(out1.token_loss[keep], out2.token_loss[keep])
-    assert torch.equal(out1.extras["pred"][keep], out2.extras["pred"][keep])
+    assert torch.equal(out1.prediction[out1.predict][keep], out2.prediction[out2.predict][keep])
 
 
 def test_padding_never_changes_a_real_token():
@@ -130,7 +130,7 @@ def test_padding_never_changes_a_real_token():
     with torch.no_grad():
         o1, o2 = model(tight), model(padded)
     torch.testing.assert_close(o1.token_loss, o2.token_loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(o1.extras["pred"], o2.extras["pred"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o1.prediction[o1.predict], o2.prediction[o2.predict], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(o2.loss)
 
 

@@ -86,7 +86,7 @@ def test_packed_forward_equals_each_image_alone():
                     alone = model(M.MaskedBatch.padded([splits[label]]))
                     mine = out.token_sample == i
                     torch.testing.assert_close(out.token_loss[mine], alone.token_loss, atol=1e-5, rtol=1e-5)
-                    torch.testing.assert_close(out.extras["pred"][mine], alone.extras["pred"], atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(out.prediction[out.predict][mine], alone.prediction[alone.predict], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_training_lowers_the_loss_like_unpacked():
