@@ -190,18 +190,26 @@ def pack_images(images, cfg: PackingConfig, masking, g: torch.Generator):
     yield from packer.flush()
 
 
-class PackedStream(torch.utils.data.IterableDataset):
-    """Packed batches of a map-style dataset, packed inside DataLoader workers.
+class BatchStream(torch.utils.data.IterableDataset):
+    """Training batches of a map-style dataset, built inside DataLoader workers.
 
-    Worker w of n takes images w, w+n, w+2n, ... (in an order shuffled by `seed` and the epoch)
-    and draws sizes and masks from its own generator seeded by (seed, epoch, w), so a seed
-    reproduces every batch. Items of `dataset` are images (C, H, W), (image, label) pairs, or
-    dicts with "image" and optional "label". Use with `torch.utils.data.DataLoader(stream,
-    batch_size=None, num_workers=n)`; call `set_epoch` between epochs.
+    With `packing` (a PackingConfig), images get random sizes and are packed; with
+    `packing=None`, images keep their size and go `batch_size` to an ordinary batch (one image
+    per row). Shard s of n (n = ranks x workers) takes images s, s+n, s+2n, ... of an order
+    shuffled by (seed, epoch), and draws sizes and masks from its own generator seeded by
+    (seed, epoch, shard), so a seed reproduces every batch. Items of `dataset` are images
+    (C, H, W), (image, label) pairs, or dicts with "image" and optional "label". Use with
+    `DataLoader(stream, batch_size=None, num_workers=...)`; call `set_epoch` between epochs.
     """
 
-    def __init__(self, dataset, cfg: PackingConfig, masking, seed: int = 0, shuffle: bool = True):
-        self.dataset, self.cfg, self.masking, self.seed, self.shuffle = dataset, cfg, masking, seed, shuffle
+    def __init__(self, dataset, masking, patch_size: int, packing: PackingConfig | None = None,
+                 batch_size: int = 64, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
+        if packing is not None and packing.patch_size != patch_size:
+            raise ValueError(f"packing.patch_size {packing.patch_size} differs from the model's patch size {patch_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.dataset, self.masking, self.patch_size, self.packing = dataset, masking, patch_size, packing
+        self.batch_size, self.seed, self.shuffle, self.rank, self.world = batch_size, seed, shuffle, rank, world
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
@@ -220,11 +228,23 @@ class PackedStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shard, shards = self.rank * workers + worker, self.world * workers
         order = torch.arange(len(self.dataset))
         if self.shuffle:
             order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + worker)
-        yield from pack_images(self._images(order[worker::workers].tolist()), self.cfg, self.masking, g)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + shard)
+        images = self._images(order[shard::shards].tolist())
+        if self.packing is not None:
+            yield from pack_images(images, self.packing, self.masking, g)
+            return
+        splits = []
+        for image, label in images:
+            splits.append(M.split_image(image, self.patch_size, self.masking, g, label))
+            if len(splits) == self.batch_size:
+                yield M.MaskedBatch.padded(splits)
+                splits = []
+        if splits:
+            yield M.MaskedBatch.padded(splits)
 
 
 def occupancy(batch: M.MaskedBatch) -> float:

@@ -1,23 +1,421 @@
-"""Pre-training I-JEPA.
+"""Pre-training I-JEPA: `python train.py` trains the demo recipe on the built-in scenes.
 
-`training_step` is the whole optimisation step that benchmarks, notebooks and the trainer share.
+The work is one function, `train(TrainConfig)`, that the notebooks call too; the command line
+maps its flags onto that config. Per step: a batch (ordinary or packed) from `packing.BatchStream`,
+then `training_step` (forward, backward, AdamW, EMA) with the schedules of models.py.
+
+    python train.py                                   # demo recipe, 15 minutes on 2 CPU cores
+    python train.py --steps 200 --out checkpoints/run1
+    python train.py --steps 400 --out checkpoints/run1 --resume
+    torchrun --nproc_per_node 2 train.py --steps 100   # DistributedDataParallel
 """
 
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
+import data
+import evaluate as E
 import models as M
+import packing as P
 
 
-def training_step(model: M.IJEPA, optimizer: torch.optim.Optimizer, batch: M.MaskedBatch,
-                  momentum: float, forward=None) -> torch.Tensor:
-    """One step: forward (teacher, student, predictor, loss), backward, optimiser step, EMA.
+@dataclass
+class TrainConfig:
+    dataset: str = "scenes"  # "scenes" (built in), "stl10", "cifar10", or a folder of class sub-folders
+    num_images: int = 12_000  # training images of the built-in dataset
+    resolution: int = 64  # image side in pixels (packing: the largest side)
+    model: str = "micro"
+    patch_size: int = 8
+    masking: str = "multiblock"
+    packing: bool = False
+    feature_norm: str = "layernorm"
+    loss: str = "smooth_l1"
+    condition_encoders: bool = False
+    steps: int | None = None  # length of the run: steps, epochs or minutes (one of them)
+    epochs: float | None = None
+    minutes: float | None = None
+    batch_size: int = 128  # images per step (packing: rows are sized to hold about this many)
+    lr: float = 1e-3  # peak learning rate
+    warmup: float = 0.1  # fraction of the run spent warming up
+    weight_decay: tuple = (0.04, 0.4)
+    ema: tuple = (0.996, 1.0)
+    grad_clip: float = 0.0  # 0: none (as the official recipe)
+    seed: int = 0
+    out: str | None = None  # folder for checkpoint.pt and log.jsonl
+    resume: bool = False
+    checkpoint_every: int = 200
+    log_every: int = 10
+    stop_after: int | None = None  # stop this invocation after so many steps (resume later)
+    compile: bool = False
+    device: str = "auto"
+    workers: int = 0  # DataLoader worker processes that build the batches
 
-    `forward` is the callable to run the model with (a `torch.compile`d model, say); by default
-    the model itself. Returns the loss, detached.
-    """
-    out = (forward or model)(batch)
+    def jepa_config(self) -> M.JEPAConfig:
+        return M.JEPAConfig(model=self.model, patch_size=self.patch_size, feature_norm=self.feature_norm,
+                            loss=self.loss, condition_encoders=self.condition_encoders)
+
+
+# Fields that may differ when resuming; every other field must match the checkpoint's.
+RESUMABLE = {"out", "resume", "checkpoint_every", "log_every", "stop_after", "compile", "device", "workers", "minutes"}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise a ValueError naming the flag and what is allowed."""
+    cfg.jepa_config()  # preset, feature norm and loss names
+    M.make_masking(cfg.masking)
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if sum(x is not None for x in (cfg.steps, cfg.epochs, cfg.minutes)) != 1:
+        raise ValueError("give exactly one of --steps, --epochs, --minutes")
+    for name in ("steps", "epochs", "minutes"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.resume and not cfg.out:
+        raise ValueError("--resume needs --out DIR, the folder holding checkpoint.pt")
+    if cfg.resume and not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        raise ValueError(f"--resume: no checkpoint at {os.path.join(cfg.out, 'checkpoint.pt')}; "
+                         f"start without --resume or point --out at an earlier run")
+    if cfg.resolution % cfg.patch_size:
+        raise ValueError(f"--resolution {cfg.resolution} must be a multiple of the patch size {cfg.patch_size}")
+
+
+# -----------------------------------------------------------------------------------------------
+# One step
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # detached
+    output: M.JEPAOutput
+    grad_norms: dict  # per block, when asked for
+
+
+def block_grad_norms(model: M.IJEPA) -> dict:
+    """L2 norm of the gradient of every student and predictor block (and the embeddings)."""
+    norms = {}
+    for prefix, module in (("student", model.student), ("predictor", model.predictor)):
+        for i, block in enumerate(module.blocks):
+            grads = [p.grad for p in block.parameters() if p.grad is not None]
+            norms[f"{prefix}.{i}"] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+    return norms
+
+
+def training_step(model: M.IJEPA, optimizer: torch.optim.Optimizer, batch: M.MaskedBatch, momentum: float,
+                  forward=None, grad_clip: float = 0.0, grad_norms: bool = False) -> StepResult:
+    """One step: forward (teacher, student, predictor, loss), backward, AdamW, EMA of the teacher.
+
+    `forward` runs the model (a `torch.compile`d or DistributedDataParallel wrapper, say); by
+    default the model itself. On CUDA the forward runs under bf16 autocast."""
+    device = batch.context_patches.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = (forward or model)(batch)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    norms = block_grad_norms(model) if grad_norms else {}
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
     optimizer.step()
     model.update_teacher(momentum)
-    return out.loss.detach()
+    return StepResult(out.loss.detach(), out, norms)
+
+
+def set_schedules(optimizer, cfg: TrainConfig, step: int, total: int) -> dict:
+    """Set this step's learning rate and weight decay; return them with the EMA momentum."""
+    lr = M.lr_at(step, total, cfg.lr, max(1, int(cfg.warmup * total)))
+    wd = M.weight_decay_at(step, total, *cfg.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group["apply_wd"]:
+            group["weight_decay"] = wd
+    return {"lr": lr, "weight_decay": wd, "ema_momentum": M.ema_momentum_at(step, total, *cfg.ema)}
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); the file is truncated "
+                         f"or corrupt: delete it and start again, or resume from a good copy") from e
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list:
+    now = asdict(cfg)
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in now
+            if k not in RESUMABLE and _plain(saved.get(k)) != _plain(now[k])]
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def model_from_checkpoint(path: str, device="cpu") -> tuple:
+    """(IJEPA with the checkpoint's weights, its TrainConfig) — for notebooks and scripts."""
+    ckpt = load_checkpoint(path)
+    known = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
+    model = M.IJEPA(cfg.jepa_config())
+    model.student.load_state_dict(ckpt["student"])
+    model.teacher.load_state_dict(ckpt["teacher"])
+    model.predictor.load_state_dict(ckpt["predictor"])
+    return model.to(device), cfg
+
+
+# -----------------------------------------------------------------------------------------------
+# The run
+
+
+def build_dataset(cfg: TrainConfig):
+    """The training images. The built-in scenes are rendered once here, so that DataLoader
+    workers share them instead of rendering them again."""
+    if cfg.dataset == "scenes":
+        images, labels = data.SceneDataset(cfg.num_images, resolution=cfg.resolution, split="train",
+                                           seed=cfg.seed).tensors()
+        return list(zip(data.normalize(images), labels.tolist()))
+    ds = data.get_dataset(cfg.dataset, split="train", resolution=cfg.resolution)
+    return NormalizedDataset(ds)
+
+
+class NormalizedDataset(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = self.ds[i]
+        return data.normalize(item["image"][None])[0], int(item.get("label", -1))
+
+
+def build_stream(cfg: TrainConfig, dataset, rank=0, world=1) -> P.BatchStream:
+    masking = M.make_masking(cfg.masking)
+    packing = None
+    if cfg.packing:
+        probe = P.PackingConfig.balanced(masking, patch_size=cfg.patch_size, side_range=(cfg.resolution // 2, cfg.resolution),
+                                         min_side=4 * cfg.patch_size, max_area=cfg.resolution ** 2,
+                                         image_size=(cfg.resolution, cfg.resolution),
+                                         row_tokens=2 * (cfg.resolution // cfg.patch_size) ** 2)
+        # rows for about batch_size images: measured tokens per image over the measured occupancy
+        sizes = [P.random_size(cfg.resolution, cfg.resolution, probe, torch.Generator().manual_seed(i)) for i in range(200)]
+        tokens = statistics.mean(h * w for h, w in sizes) / cfg.patch_size ** 2
+        rows = max(1, round(cfg.batch_size * tokens / ((probe.context_len + probe.target_len) * 0.93)))
+        packing = P.PackingConfig(**{**asdict(probe), "rows": rows})
+    return P.BatchStream(dataset, masking, cfg.patch_size, packing, cfg.batch_size, cfg.seed, rank=rank, world=world)
+
+
+def batches_forever(stream, cfg: TrainConfig, epoch: int, skip: int):
+    """(epoch, index in epoch, batch) without end, starting `skip` batches into `epoch`: a resumed
+    run replays the data pipeline up to where it stopped, so it sees exactly the same batches."""
+    while True:
+        stream.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers)
+        for i, batch in enumerate(loader):
+            if i >= skip:
+                yield epoch, i, batch
+        epoch, skip = epoch + 1, 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainResult:
+    model: M.IJEPA
+    log: list  # the logged rows (also in out/log.jsonl)
+    losses: list  # the loss of every step of this invocation
+    steps: int
+    seconds: float
+    config: TrainConfig
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    check_config(cfg)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = resolve_device(cfg.device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+
+    torch.manual_seed(cfg.seed)
+    model = M.IJEPA(cfg.jepa_config()).to(device)
+    optimizer = torch.optim.AdamW(M.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay[0])
+    dataset = build_dataset(cfg)
+    stream = build_stream(cfg, dataset, rank, world)
+    step, epoch, in_epoch, total = 0, 0, 0, None
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt") if cfg.out else None
+    log_path = os.path.join(cfg.out, "log.jsonl") if cfg.out else None
+    if cfg.out and rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        diff = config_differences(ckpt["config"], cfg)
+        if diff:
+            raise ValueError(f"{ckpt_path} was written with another configuration; differing fields: "
+                             f"{'; '.join(diff)}. Resume with the same flags, or train afresh into another --out")
+        model.student.load_state_dict(ckpt["student"])
+        model.teacher.load_state_dict(ckpt["teacher"])
+        model.predictor.load_state_dict(ckpt["predictor"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, in_epoch, total = ckpt["step"], ckpt["epoch"], ckpt["in_epoch"], ckpt["total_steps"]
+        torch.set_rng_state(ckpt["rng"])
+    elif log_path and rank == 0 and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+
+    forward = model
+    if distributed:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
+
+    def checkpoint_state():
+        return {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+                "predictor": model.predictor.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "epoch": epoch, "in_epoch": in_epoch, "total_steps": total,
+                "config": {k: _plain(v) for k, v in asdict(cfg).items()}, "rng": torch.get_rng_state()}
+
+    if total is None and cfg.steps is not None:
+        total = cfg.steps
+    if total is None and cfg.epochs is not None:
+        per_epoch = sum(1 for _ in build_stream(cfg, dataset, rank, world)) if cfg.packing else \
+            math.ceil(len(dataset) / world / cfg.batch_size)
+        total = max(1, round(cfg.epochs * per_epoch))
+    # --minutes: the schedules need a length, so the first steps are timed and the run sized from them
+    calibrating = total is None
+    deadline = time.perf_counter() + cfg.minutes * 60 if cfg.minutes else None
+
+    log, losses, start, step_times = [], [], time.perf_counter(), []
+    stop_at = step + cfg.stop_after if cfg.stop_after else None
+    bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="pre-training", dynamic_ncols=True)
+    batches = batches_forever(stream, cfg, epoch, in_epoch)
+    while True:
+        if total is not None and step >= total or stop_at is not None and step >= stop_at:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        epoch, i, batch = next(batches)
+        in_epoch = i + 1
+        batch = batch.to(device)
+        sched = set_schedules(optimizer, cfg, step, total or 10**9)
+        t0 = time.perf_counter()
+        want_log = step % cfg.log_every == 0
+        result = training_step(model, optimizer, batch, sched["ema_momentum"], forward, cfg.grad_clip, grad_norms=want_log)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        loss = float(result.loss)
+        if not math.isfinite(loss):
+            bar.close()
+            kept = f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path) \
+                else "no checkpoint was written before it"
+            raise FloatingPointError(f"loss is {loss} at step {step}; training stopped ({kept}). Lower --lr, "
+                                     f"or enable --grad-clip")
+        step += 1
+        step_times.append(dt)
+        losses.append(loss)
+        images = len(batch.grids)
+        if calibrating and step == 5:  # size the run from the median of the first steps
+            elapsed = time.perf_counter() - start
+            total = step + max(1, int((cfg.minutes * 60 - elapsed) / statistics.median(step_times)))
+            bar.total = total
+            calibrating = False
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / dt:.0f}")
+        if want_log:
+            out = result.output
+            row = {"step": step, "loss": loss, **sched, "grad_norms": result.grad_norms,
+                   "rankme": E.rankme(out.target[out.predict].detach().float()),
+                   "padding": 1 - P.occupancy(batch),
+                   "images_per_s": images / dt, "images": images, "seconds": time.perf_counter() - start}
+            log.append(row)
+            if log_path and rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        if ckpt_path and rank == 0 and step % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_path, checkpoint_state())
+    bar.close()
+    if ckpt_path and rank == 0:
+        save_checkpoint(ckpt_path, checkpoint_state())
+    if distributed:
+        dist.destroy_process_group()
+    return TrainResult(model, log, losses, step, time.perf_counter() - start, cfg)
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None) -> TrainConfig:
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=d.dataset, help="scenes (built in), stl10, cifar10, or a folder path")
+    ap.add_argument("--num-images", type=int, default=d.num_images, help="training images of the built-in scenes")
+    ap.add_argument("--resolution", type=int, default=d.resolution)
+    ap.add_argument("--model", default=d.model, help=f"one of {sorted(M.PRESETS)}")
+    ap.add_argument("--patch-size", type=int, default=d.patch_size)
+    ap.add_argument("--masking", default=d.masking, help=f"one of {sorted(M.MASKINGS)}")
+    ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d.packing)
+    ap.add_argument("--feature-norm", default=d.feature_norm, help=f"one of {M.FEATURE_NORMS}")
+    ap.add_argument("--loss", default=d.loss, help=f"one of {M.LOSSES}")
+    ap.add_argument("--condition-encoders", action="store_true")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--epochs", type=float)
+    ap.add_argument("--minutes", type=float)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--ema", type=float, nargs=2, default=d.ema, metavar=("START", "END"))
+    ap.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    ap.add_argument("--out", default=d.out, help="folder for checkpoint.pt and log.jsonl")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    ap.add_argument("--stop-after", type=int, help="stop after so many steps of this invocation (resume later)")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default=d.device)
+    ap.add_argument("--workers", type=int, default=d.workers)
+    a = ap.parse_args(argv)
+    if a.steps is None and a.epochs is None and a.minutes is None:
+        a.minutes = 15.0  # the demo recipe
+    if a.dataset not in ("scenes", "stl10", "cifar10") and not os.path.isdir(a.dataset):
+        ap.error(f"--dataset {a.dataset!r}: not a known dataset (scenes, stl10, cifar10) nor an existing folder")
+    cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        ap.error(str(e))
+    return cfg
+
+
+if __name__ == "__main__":
+    result = train(parse_args())
+    if result.losses:
+        print(f"trained to step {result.steps} in {result.seconds / 60:.1f} min; last loss {result.losses[-1]:.4f}")
+    sys.exit(0)

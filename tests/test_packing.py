@@ -129,7 +129,7 @@ def test_dataloader_workers_reproducible_and_complete():
     cfg = P.PackingConfig.balanced(M.WindowMasking(), rows=4)
 
     def run():
-        stream = P.PackedStream(data, cfg, M.WindowMasking(), seed=3)
+        stream = P.BatchStream(data, M.WindowMasking(), 8, cfg, seed=3)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
         return list(loader)
 
@@ -137,10 +137,21 @@ def test_dataloader_workers_reproducible_and_complete():
     labels = torch.cat([x.labels for x in a])
     assert sorted(labels.tolist()) == list(range(50))
     assert len(a) == len(b) and all(torch.equal(x.context_patches, y.context_patches) for x, y in zip(a, b))
-    stream = P.PackedStream(data, cfg, M.WindowMasking(), seed=3)
+    stream = P.BatchStream(data, M.WindowMasking(), 8, cfg, seed=3)
     stream.set_epoch(1)
     other = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
     assert not torch.equal(other[0].context_patches, a[0].context_patches)
+
+
+def test_unpacked_stream_sharded_over_ranks_covers_each_image_once():
+    data = [(torch.rand(3, 32, 32), i) for i in range(23)]
+    seen = []
+    for rank in range(2):
+        stream = P.BatchStream(data, M.MultiBlockMasking(), 8, None, batch_size=5, seed=1, rank=rank, world=2)
+        batches = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
+        assert all(b.context_patches.shape[0] <= 5 for b in batches)
+        seen += torch.cat([b.labels for b in batches]).tolist()
+    assert sorted(seen) == list(range(23))
 
 
 def test_too_large_image_is_refused_or_resized():

@@ -1,0 +1,109 @@
+"""train.py: exact resume, checkpoints that refuse what they should, NaN stop, flags, DDP."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+import train as T
+
+TINY = dict(num_images=48, resolution=32, batch_size=16, checkpoint_every=2, log_every=1, warmup=0.25)
+
+
+def weights(model):
+    return {f"{part}.{k}": v for part in ("student", "teacher", "predictor")
+            for k, v in getattr(model, part).state_dict().items()}
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_gives_identical_weights(tmp_path, packing):
+    one = T.train(T.TrainConfig(steps=8, out=str(tmp_path / "one"), packing=packing, **TINY), progress=False)
+    T.train(T.TrainConfig(steps=8, out=str(tmp_path / "two"), stop_after=4, packing=packing, **TINY), progress=False)
+    two = T.train(T.TrainConfig(steps=8, out=str(tmp_path / "two"), resume=True, packing=packing, **TINY), progress=False)
+    assert one.steps == two.steps == 8
+    a, b = weights(one.model), weights(two.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 8 and not os.path.exists(tmp_path / "two" / "checkpoint.pt.tmp")
+    rows = [line for line in open(tmp_path / "two" / "log.jsonl")]
+    assert len(rows) == 8  # steps 1..4 then 5..8, one row per step at log_every=1
+
+
+def test_log_rows_hold_the_health_signals(tmp_path):
+    T.train(T.TrainConfig(steps=3, out=str(tmp_path), **TINY), progress=False)
+    import json
+    row = json.loads(open(tmp_path / "log.jsonl").readline())
+    for key in ("step", "loss", "lr", "weight_decay", "ema_momentum", "grad_norms", "rankme", "padding", "images_per_s"):
+        assert key in row
+    assert set(row["grad_norms"]) >= {"student.0", "student.3", "predictor.0"}
+    assert 1.0 <= row["rankme"] <= 128 and 0.0 <= row["padding"] < 1.0
+
+
+def test_resume_refuses_another_config_and_a_truncated_file(tmp_path):
+    T.train(T.TrainConfig(steps=2, out=str(tmp_path), **TINY), progress=False)
+    with pytest.raises(ValueError, match=r"differing fields: .*lr: checkpoint 0\.001 vs now 0\.01"):
+        T.train(T.TrainConfig(steps=2, out=str(tmp_path), resume=True, **{**TINY, "lr": 1e-2}), progress=False)
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="checkpoint.pt.*truncated or corrupt"):
+        T.train(T.TrainConfig(steps=4, out=str(tmp_path), resume=True, **TINY), progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = T.training_step
+    calls = []
+
+    def failing_step(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            result.loss = torch.tensor(float("nan"))
+        return result
+
+    monkeypatch.setattr(T, "training_step", failing_step)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 2.*last good checkpoint is kept"):
+        T.train(T.TrainConfig(steps=6, out=str(tmp_path), **TINY), progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_training_lowers_the_loss():
+    result = T.train(T.TrainConfig(steps=30, **TINY), progress=False)
+    losses = [row["loss"] for row in result.log]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "huge"], "unknown preset 'huge'"),
+    (["--masking", "random"], "unknown masking 'random'"),
+    (["--feature-norm", "rms"], "unknown feature norm 'rms'"),
+    (["--loss", "l1"], "unknown loss 'l1'"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--resume"], "--resume needs --out"),
+    (["--resume", "--out", "/nonexistent/run"], "--resume: no checkpoint at /nonexistent/run/checkpoint.pt"),
+    (["--dataset", "/no/such/folder"], "not a known dataset"),
+    (["--steps", "5", "--minutes", "2"], "exactly one of --steps, --epochs, --minutes"),
+])
+def test_bad_flags_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def _ddp_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    result = T.train(T.TrainConfig(steps=3, device="cpu", **TINY), progress=False)
+    torch.save(weights(result.model), os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = T.M.IJEPA(T.TrainConfig(**TINY).jepa_config())
+    assert not torch.equal(a["student.blocks.0.attn.qkv.weight"], fresh.student.blocks[0].attn.qkv.weight)
