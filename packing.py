@@ -82,11 +82,13 @@ class PackingConfig:
 
 def random_size(height: int, width: int, cfg: PackingConfig, g: torch.Generator) -> tuple:
     """A random (height, width) for an image of the given size: the longer side uniform in
-    cfg.side_range, aspect ratio kept, area capped at cfg.max_area, sides rounded to multiples of
-    patch x window (at least one window)."""
+    cfg.side_range, then scaled up if needed so the shorter side reaches cfg.min_side, and down if
+    needed so the area stays under cfg.max_area; aspect ratio kept, sides rounded to multiples of
+    patch x window. Only an image too elongated for both limits at once loses its aspect ratio."""
     lo, hi = cfg.side_range
     side = lo + (hi - lo) * torch.rand((), generator=g).item()
     scale = side / max(height, width)
+    scale = max(scale, cfg.min_side / min(height, width))
     scale = min(scale, math.sqrt(cfg.max_area / (height * width)))
     m = cfg.multiple
 

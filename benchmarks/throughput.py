@@ -6,8 +6,8 @@
      padded to its longest streams;
   C. variable resolution, packed: packing.py (several images per row, fixed shapes).
 
-A, B and C see the same images; B and C the very same resized images and masks; A and B use
-batches of as many images as C packs on average. Images/s are of whole training steps (forward,
+Step i of every regime trains on the same images: those the packer put into packed batch i (B
+with the very same resized images and masks, A with them at the largest side). Images/s are of whole training steps (forward,
 backward, AdamW, EMA), median over steps after warm-up, with the regimes' steps interleaved so
 that any load on the machine hits all three alike. Peak memory is read from two steps of each
 regime in a fresh process (CPU: growth of the resident set; CUDA: peak allocated).
@@ -121,7 +121,7 @@ def main():
     n_compile = 20 if args.compile else 0
     want_batches = args.warmup + args.steps + n_compile
 
-    # C: pack the stream until there are enough full batches
+    # C: pack the stream until there are enough batches; each image's label is its stream index
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     sources, splits, packed = [], [], []
@@ -130,21 +130,21 @@ def main():
         images = data.SceneDataset(256, resolution=hi, seed=len(splits)).tensors()[0]
         for x in images:
             sources.append(x)
-            splits.append(P.prepare(x, cfg, masking, g))
+            splits.append(P.prepare(x, cfg, masking, g, label=len(splits)))
             packed += packer.add(splits[-1])
     pack_s = time.perf_counter() - t0
-    per_batch = round(statistics.mean(len(b.grids) for b in packed))
-    used = splits[:per_batch * (args.warmup + args.steps)]
+    timed = packed[:args.warmup + args.steps]
+    per_batch = round(statistics.mean(len(b.grids) for b in timed))
 
-    # B: the same images and masks, one per row, padded per batch
-    padded = [M.MaskedBatch.padded(used[i:i + per_batch]) for i in range(0, len(used), per_batch)]
+    # B: each packed batch's very images and masks, one per row, padded to the batch's longest
+    padded = [M.MaskedBatch.padded([splits[i] for i in b.labels.tolist()]) for b in timed]
     # A: the same images, every one at the largest side (the scenes are rendered at it)
-    fixed = [M.mask_images(torch.stack([P.resize(x, (hi, hi)) for x in sources[i:i + per_batch]]), args.patch, masking, g)
-             for i in range(0, len(used), per_batch)]
+    fixed = [M.mask_images(torch.stack([P.resize(sources[i], (hi, hi)) for i in b.labels.tolist()]), args.patch, masking, g)
+             for b in timed]
 
     # Speed: the three regimes step by step in turn, so that any load on the machine hits all alike
     device = torch.device(args.device)
-    regimes = {"A": fixed, "B": padded, "C": packed[:args.warmup + args.steps]}
+    regimes = {"A": fixed, "B": padded, "C": timed}
     trainers = {k: new_model(args) for k in regimes}
     rates = {k: [] for k in regimes}
     for i in range(args.warmup + args.steps):
@@ -162,8 +162,7 @@ def main():
     def real(batches):
         return sum(int((b.context_sample >= 0).sum() + (b.target_sample >= 0).sum()) for b in batches)
 
-    occ = real(packed[:args.warmup + args.steps]) / (slots(packed[:args.warmup + args.steps], "context")
-                                                     + slots(packed[:args.warmup + args.steps], "target"))
+    occ = real(timed) / (slots(timed, "context") + slots(timed, "target"))
     padded_occ = real(padded) / (slots(padded, "context") + slots(padded, "target"))
     fixed_occ = real(fixed) / (slots(fixed, "context") + slots(fixed, "target"))
 

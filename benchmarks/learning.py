@@ -1,0 +1,86 @@
+"""Does the demo recipe learn? Pre-train for a fixed budget, then probe.
+
+Runs `train.py`'s defaults (the demo recipe) on the built-in scenes for `--minutes`, then fits the
+project's linear probe (evaluate.py: best layer chosen on validation) on held-out scenes for each
+label, for: the teacher, the student, the same network at its exact initial weights, and raw
+pixels. A falling loss proves nothing; only the probe against these baselines says whether the
+encoder learned something.
+
+    python benchmarks/learning.py                  # 15 minutes of pre-training
+    python benchmarks/learning.py --minutes 3 --json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
+import evaluate as E  # noqa: E402
+import models as M  # noqa: E402
+import train as T  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--probe-train", type=int, default=4000, help="labelled training images for the probe")
+    ap.add_argument("--probe-test", type=int, default=2000, help="held-out test images")
+    ap.add_argument("--out", default=None, help="keep the checkpoint and log here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    cfg = T.TrainConfig(minutes=args.minutes, out=args.out, seed=args.seed)
+    t0 = time.perf_counter()
+    result = T.train(cfg, progress=not args.json)
+    minutes = (time.perf_counter() - t0) / 60
+    torch.manual_seed(cfg.seed)  # train() builds its model right after this same seeding
+    initial = M.IJEPA(cfg.jepa_config())
+
+    train_set = data.SceneDataset(args.probe_train, resolution=cfg.resolution, split="train", seed=cfg.seed)
+    test_set = data.SceneDataset(args.probe_test, resolution=cfg.resolution, split="test", seed=cfg.seed)
+    train_images, _ = train_set.tensors()
+    test_images, _ = test_set.tensors()
+    encoders = {"teacher": result.model.teacher, "student": result.model.student, "random_init": initial.teacher}
+    feats = {name: (E.layer_features(enc, train_images, normalize=data.normalize),
+                    E.layer_features(enc, test_images, normalize=data.normalize)) for name, enc in encoders.items()}
+    pixels = (train_images.flatten(1).numpy(), test_images.flatten(1).numpy())
+
+    table = {}
+    for label in data.LABELS:
+        y_train, y_test = train_set.tensors(label)[1].numpy(), test_set.tensors(label)[1].numpy()
+        row = {}
+        for name, (a, b) in feats.items():
+            best = E.probe_best_layer(a, y_train, b, y_test, seed=cfg.seed)
+            row[name], row[f"{name}_layer"] = best.result.top1, best.layer
+        row["pixels"] = E.linear_probe(pixels[0], y_train, pixels[1], y_test, seed=cfg.seed).top1
+        row["chance"] = float(np.bincount(y_test).max() / len(y_test))
+        row["stderr"] = E.standard_error(max(row["teacher"], row["student"]), len(y_test))
+        table[label] = row
+
+    print(f"\npre-training: {cfg.model}, {cfg.resolution} px, patch {cfg.patch_size}, {cfg.masking} masking, batch "
+          f"{cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema[0]}->{cfg.ema[1]}: {result.steps} steps in {minutes:.1f} min "
+          f"(final loss {result.losses[-1]:.4f})")
+    print(f"probe: {args.probe_train} train / {args.probe_test} test scenes, best layer on validation; top-1 accuracy")
+    print(f"{'label':<10}{'chance':>8}{'pixels':>8}{'random':>8}{'student':>9}{'teacher':>9}{'+-1 se':>8}  layers (s/t)")
+    for label, r in table.items():
+        print(f"{label:<10}{r['chance']:>8.3f}{r['pixels']:>8.3f}{r['random_init']:>8.3f}{r['student']:>9.3f}"
+              f"{r['teacher']:>9.3f}{r['stderr']:>8.3f}  {r['student_layer']}/{r['teacher_layer']}")
+    shape = table["shape"]
+    gain = max(shape["teacher"], shape["student"]) - shape["random_init"]
+    print(f"shape: best of teacher/student minus random init = {gain * 100:+.1f} points "
+          f"({gain / shape['stderr']:.1f} standard errors); minus pixels = "
+          f"{(max(shape['teacher'], shape['student']) - shape['pixels']) * 100:+.1f} points")
+    if args.json:
+        print(json.dumps({**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},
+                          "minutes": round(minutes, 2), "steps": result.steps}))
+
+
+if __name__ == "__main__":
+    main()
