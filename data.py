@@ -1,16 +1,19 @@
 """
 Data for I-JEPA experiments, in one file.
 
-1. A built-in procedural 3-D scene dataset: every image is ray-cast on the fly by a small batched
-   torch renderer and is fully determined by (seed, index), so nothing is downloaded. Each image
-   has three image-level labels (main object's shape, number of objects, distance bucket) and two
-   dense ones (depth, main-object mask) to probe what a self-supervised encoder has learnt.
-2. ImageNet normalisation helpers.
-3. Real datasets (STL-10, CIFAR-10, a folder of images, NYU Depth v2) returning the same item dicts.
-4. draw_samples(): a picture of a few samples with their labels.
+1. A built-in procedural 3-D scene dataset. Each image is ray-cast by a small batched torch renderer
+   and is fully determined by (seed, index): nothing to download. A main object (sphere, cube,
+   cylinder or cone) and 0-3 smaller distractors stand on a checker ground under a sky, lit by a
+   random sun with exact shadows. Labels per image: `shape` (the main object's), `count` (class c =
+   c + 1 objects) and `distance` (bucket of the camera's distance to the nearest object); per pixel:
+   `depth` and `mask` (the main object). render_scenes() renders a batch; SceneDataset caches a split.
+2. ImageNet normalisation: normalize(), denormalize().
+3. Real datasets returning the same item dicts: STL-10, CIFAR-10, a folder of images, NYU Depth v2;
+   get_dataset() gives any of them by name.
+4. draw_samples(): a picture of a few samples with their labels, depth and mask.
 
-Conventions: images are float32 in [0, 1], channels first; world space is y-up, objects stand on
-the ground plane y = 0; the camera looks along +z in its own frame.
+Conventions: images are float32 in [0, 1], channels first; the world is y-up with the ground at
+y = 0; in its own frame the camera looks along +z.
 """
 import functools
 import math
@@ -34,7 +37,7 @@ SKY_DEPTH = 50.0  # depth written for sky pixels; ground further away than this 
 class SceneConfig:
     """Knobs that change how hard the scenes are. Defaults are tuned for 64 px images."""
     main_size: tuple = (0.9, 1.2)         # scale of the main object (unit shapes are ~2 units tall)
-    distractor_size: tuple = (0.4, 0.6)   # distractors are always clearly smaller than the main object
+    distractor_size: tuple = (0.4, 0.6)   # clearly smaller than the main object (larger ones may overlap)
     max_distractors: int = 3              # 0..max_distractors extra objects, uniformly
     camera_distance: tuple = (6.0, 9.0)   # from the aim point, scene units
     camera_elevation: tuple = (8.0, 40.0)  # degrees above the horizon
@@ -64,10 +67,10 @@ def _check_label(label):
 
 def _check_resolution(resolution):
     """int or (height, width) -> (height, width), each in 32..256."""
-    hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    if len(hw) != 2 or not all(isinstance(s, int) and 32 <= s <= 256 for s in hw):
+    hw = (resolution, resolution) if isinstance(resolution, (int, np.integer)) else tuple(resolution)
+    if len(hw) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 32 <= s <= 256 for s in hw):
         raise ValueError(f"resolution must be an int or an (height, width) pair of ints in 32..256, got {resolution!r}")
-    return hw
+    return int(hw[0]), int(hw[1])
 
 # -----------------------------------------------------------------------------
 # Random numbers that depend only on (seed, index): a counter-based hash (SplitMix64), vectorised
@@ -170,6 +173,8 @@ def _hit_cone(o, d, r=1.0, h=2.0):  # base radius r on y=0, apex at y=h: x^2+z^2
 _HITTERS = (_hit_sphere, _hit_cube, _hit_cylinder, _hit_cone)
 # bounding sphere of each unit shape: (centre height, radius); used to skip rays that miss
 _BOUNDS = torch.tensor([[1.0, 1.0], [0.8, 0.8 * 3**0.5], [0.85, (0.8**2 + 0.85**2) ** 0.5], [0.75, 1.25]])
+# upright bounding box of each unit shape: (half width, height); tighter than the sphere for cubes
+_EXTENTS = torch.tensor([[1.0, 2.0], [0.8, 1.6], [0.8, 1.7], [1.0, 2.0]])
 
 # -----------------------------------------------------------------------------
 # Scene layout: one row of random numbers per image -> batched scene parameters.
@@ -250,18 +255,49 @@ def _screen_boxes(centre, r, H, W, f):
     return row0, row1, col0, col1
 
 
+def _corners(sc):
+    """(B, M, 8, 3): the world corners of each object's upright bounding box."""
+    half, height = (_EXTENTS[sc["kind"]] * sc["scale"][..., None]).unbind(-1)    # (B, M)
+    sx, sz = torch.tensor([1.0, 1, -1, -1] * 2), torch.tensor([1.0, -1, 1, -1] * 2)
+    x, y, z = sx * half[..., None], torch.tensor([0.0] * 4 + [1.0] * 4) * height[..., None], sz * half[..., None]
+    cos, sin = sc["yaw"].cos()[..., None], sc["yaw"].sin()[..., None]  # turn by +yaw, as the objects are
+    return torch.stack([cos * x + sin * z, y, cos * z - sin * x], -1) + sc["pos"][:, :, None]
+
+
+def _points_boxes(points, H, W, f):
+    """Points (B, M, K, 3) in the camera frame -> pixel boxes (row0, row1, col0, col1), each (B, M),
+    holding their projections, so also their convex hull (the whole image if one is behind the camera)."""
+    x, y, z = points.unbind(-1)
+    behind = (z < 1e-3).any(-1)
+    u, v = f * x / z.clamp_min(1e-3), f * y / z.clamp_min(1e-3)
+    row0 = torch.where(behind, 0, torch.floor(H / 2 - 0.5 - v.amax(-1))).long().clamp(0, H)
+    row1 = torch.where(behind, H - 1, torch.ceil(H / 2 - 0.5 - v.amin(-1))).long().clamp(-1, H - 1)
+    col0 = torch.where(behind, 0, torch.floor(W / 2 - 0.5 + u.amin(-1))).long().clamp(0, W)
+    col1 = torch.where(behind, W - 1, torch.ceil(W / 2 - 0.5 + u.amax(-1))).long().clamp(-1, W - 1)
+    return row0, row1, col0, col1
+
+
+def _union(a, b):
+    return torch.minimum(a[0], b[0]), torch.maximum(a[1], b[1]), torch.minimum(a[2], b[2]), torch.maximum(a[3], b[3])
+
+
+def _intersection(a, b):
+    return torch.maximum(a[0], b[0]), torch.minimum(a[1], b[1]), torch.maximum(a[2], b[2]), torch.minimum(a[3], b[3])
+
+
 def _box_pixels(row0, row1, col0, col1, alive, kind, W, P):
     """(B, M) pixel boxes -> one entry per pixel of each live object's box: which object, as a column
     b*M + m of the object table (N,), and which ray, b*P + pixel (N,). Entries come grouped by the
     object's shape, so that each shape's exact test later works on one contiguous slice."""
-    h, w = (row1 - row0 + 1).clamp_min(0), (col1 - col0 + 1).clamp_min(0)
+    # int32 throughout: indexing accepts it, and int64 division is several times slower
+    h, w = (row1 - row0 + 1).clamp_min(0).int(), (col1 - col0 + 1).clamp_min(0).int()
     area = torch.where(alive, h * w, 0).flatten()                         # (B*M,)
-    order = torch.argsort(kind.flatten(), stable=True)                    # boxes grouped by shape
+    order = torch.argsort(kind.flatten(), stable=True).int()              # boxes grouped by shape
     owner = torch.repeat_interleave(order, area[order])                   # (N,)
-    start = area[order].cumsum(0) - area[order]                           # first entry of each box
-    offset = torch.arange(len(owner)) - torch.repeat_interleave(start, area[order])  # k-th pixel of its box
+    start = area[order].cumsum(0, dtype=torch.int32) - area[order]        # first entry of each box
+    offset = torch.arange(len(owner), dtype=torch.int32) - torch.repeat_interleave(start, area[order])
     # the k-th pixel of a box is at row k // w, column k % w: ray = top-left ray + k + (k // w) * (W - w)
-    first = (torch.arange(len(alive))[:, None] * P + row0 * W + col0).flatten()
+    first = (torch.arange(len(alive))[:, None] * P + row0 * W + col0).int().flatten()
     skip = (W - w).flatten().index_select(0, owner)
     ray = offset.floor_divide(w.flatten().index_select(0, owner)).mul_(skip).add_(offset).add_(first.index_select(0, owner))
     return owner, ray
@@ -313,103 +349,157 @@ def render_scenes(indices, height, width, seed=0, config=SceneConfig()):
     float32 in [0,1], depth (B,H,W) float32 (distance along the camera axis; sky = SKY_DEPTH),
     mask (B,H,W) bool (main-object pixels), shape, count, distance (B,) int64."""
     H, W = _check_resolution((height, width))
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(indices) == 0 or indices.min() < 0:
+        raise ValueError(f"indices must be a non-empty list of non-negative ints, got {indices}")
     return _render(sample_scenes(indices, seed, config), H, W, config)
 
 
+# Per-pixel vectors are stored component-major, (3, B, P) with P = H*W, so that every operation runs
+# over long contiguous rows and a list of candidate rays is gathered with one index_select on (3, B*P).
+# Per-pixel masks are float 0/1 combined by arithmetic: on the CPU, torch's where(), masked_fill_()
+# and bool logic are several times slower than a multiply.
+
 @torch.no_grad()
 def _render(sc, H, W, config):
-    """The ray caster proper: scene layout dict -> render_scenes() output (torch only, so compilable)."""
-    B, P, M = sc["cam"].shape[0], H * W, sc["kind"].shape[1]
-    # Per-pixel vectors are stored component-major, (3, B, P), so that every operation runs over long
-    # contiguous rows and a list of candidate rays is gathered with one index_select on (3, B*P).
-    cam, light = sc["cam"].T, sc["light"].T                               # (3, B)
+    """The ray caster proper: scene layout (sample_scenes) -> render_scenes() output."""
+    P = H * W
+    f, grid, axes, dirs = _camera_rays(sc, H, W, config.fov)
 
-    # camera rays: a fixed pixel grid (unit vectors in the camera frame) turned by each camera's basis
-    f = (min(H, W) / 2) / math.tan(math.radians(config.fov) / 2)         # focal length in pixels
-    ys, xs = torch.meshgrid(torch.arange(H) + 0.5 - H / 2, torch.arange(W) + 0.5 - W / 2, indexing="ij")
-    grid = F.normalize(torch.stack([xs / f, -ys / f, torch.ones(H, W)]).view(3, P), dim=0)
-    fwd = F.normalize(sc["aim"] - sc["cam"], dim=-1)
-    right = F.normalize(torch.cross(fwd, torch.tensor([0.0, 1.0, 0.0]).expand(B, 3), dim=-1), dim=-1)
-    basis = torch.stack([right, torch.cross(right, fwd, dim=-1), fwd], 1)  # (B, 3, 3), rows = camera axes
-    dirs = (basis.permute(2, 0, 1).reshape(3 * B, 3) @ grid).view(3, B, P)  # world directions
+    def to_camera(points):  # (B, ..., 3) world -> camera frame
+        flat = points.reshape(len(points), -1, 3)
+        return ((flat - sc["cam"][:, None]) @ axes.transpose(1, 2)).view(points.shape)
 
-    def to_camera(points):  # (B, M, 3) world -> camera frame
-        return (points - sc["cam"][:, None]) @ basis.transpose(1, 2)
+    def sphere_boxes(centres, r):  # spheres (B, M, 3) in the world -> their pixel boxes
+        return _screen_boxes(to_camera(centres), r, H, W, f)
 
-    # primary hits with objects: candidates from screen boxes, exact tests, nearest hit per pixel
-    table = _object_table(sc)
-    boxes = _screen_boxes(to_camera(sc["bcentre"]), sc["bradius"] * 1.01 + 1e-3, H, W, f)
-    owner, ray = _box_pixels(*boxes, sc["alive"], sc["kind"], W, P)
-    t, n = _hit_objects(table, owner, cam.index_select(1, owner // M), dirs.view(3, -1).index_select(1, ray))
-    t_obj = torch.full((B * P,), math.inf).scatter_reduce_(0, ray, t, "amin")
-    win = ((t == t_obj.index_select(0, ray)) & (t < math.inf)).nonzero().squeeze(1)
-    ray, owner = ray.index_select(0, win), owner.index_select(0, win)
-    obj = torch.full((B * P,), -1).index_copy_(0, ray, owner % M).view(B, P)  # object slot per pixel, -1 = none
-    normal = torch.zeros(3, B * P).index_copy_(1, ray, n.index_select(1, win)).view(3, B, P)
-
-    # else the ground plane y = 0, else the sky
+    # primary rays: the nearest object, else the ground plane y = 0 (objects stand on it), else the sky
+    table, r = _object_table(sc), sc["bradius"] * 1.01 + 1e-3
+    corners = _corners(sc)                                                # (B, M, 8, 3)
+    boxes = _intersection(sphere_boxes(sc["bcentre"], r), _points_boxes(to_camera(corners), H, W, f))
+    t, obj, normal = _nearest_objects(sc, table, dirs, boxes, W)
     dy = dirs[1]                                                          # (B, P)
-    on_obj = obj >= 0
-    on_ground, sky = ~on_obj & (dy < 0), ~on_obj & (dy >= 0)
-    t = torch.where(on_obj, t_obj.view(B, P), -cam[1, :, None] / dy)      # ray length to the hit
-    t.masked_fill_(sky, math.inf)
+    on_obj = (obj >= 0).float()
+    on_ground = (dy < 0).float().sub_(on_obj).clamp_min_(0)
+    sky = 1 - on_obj - on_ground
+    t = torch.minimum(t, sc["cam"][:, 1, None] / dy.clamp_max(-1e-6).neg())  # upward rays: ground ~1e6 away
     normal[1].add_(on_ground)                                             # the ground's normal is +y
 
-    # Lambert with exact shadows: a ray from each lit point towards the light; any object hit = shadow.
-    # A point can only be shadowed by object m inside m's shadow volume (its bounding sphere swept
-    # away from the light down to the ground), so candidates again come from screen boxes.
-    lambert = (normal * light[..., None]).sum(0).clamp_min_(0)           # (B, P)
+    # Lambert shading with exact shadows. A point can only be shadowed by object m inside m's shadow
+    # volume: its bounding sphere swept away from the light down to the ground (a capsule), or its
+    # bounding box swept likewise (the hull of its corners and their shadows on the ground).
+    lambert = (normal * sc["light"].T[..., None]).sum(0).clamp_min_(0)   # (B, P); 0 on the sky
     if config.shadows:
-        r = sc["bradius"] * 1.01 + 1e-3
-        towards = sc["light"][:, None]                                    # (B, 1, 3)
-        end = sc["bcentre"] - ((sc["bcentre"][..., 1] + r) / towards[..., 1])[..., None] * towards
-        (a0, a1, a2, a3), (e0, e1, e2, e3) = (_screen_boxes(to_camera(c), r, H, W, f) for c in (sc["bcentre"], end))
-        owner, ray = _box_pixels(torch.minimum(a0, e0), torch.maximum(a1, e1), torch.minimum(a2, e2),
-                                 torch.maximum(a3, e3), sc["alive"], sc["kind"], W, P)
-        keep = (lambert > 0).view(-1).index_select(0, ray) & (obj.view(-1).index_select(0, ray) != owner % M)
-        keep = keep.nonzero().squeeze(1)                                  # lit (so not sky), not the object itself
-        owner, ray = owner.index_select(0, keep), ray.index_select(0, keep)
-        b = owner // M
-        start = cam.index_select(1, b).addcmul_(dirs.view(3, -1).index_select(1, ray), t.view(-1).index_select(0, ray))
-        start.add_(normal.view(3, -1).index_select(1, ray), alpha=1e-3)   # just off the surface
-        t_sh, _ = _hit_objects(table, owner, start, light.index_select(1, b), normals=False)
-        lambert.view(-1).index_fill_(0, ray[t_sh < math.inf], 0.0)
+        light = sc["light"][:, None]                                      # (B, 1, 3)
+        end = sc["bcentre"] - ((sc["bcentre"][..., 1] + r) / light[..., 1])[..., None] * light
+        capsule = _union(sphere_boxes(sc["bcentre"], r), sphere_boxes(end, r))
+        dropped = corners - (corners[..., 1:2] / light[..., None, 1:2]) * light[:, :, None]  # along -light to y = 0
+        swept = _points_boxes(to_camera(torch.cat([corners, dropped], 2)), H, W, f)
+        boxes = _intersection(capsule, swept)
+        lambert.view(-1).index_fill_(0, _shadowed(sc, table, boxes, W, axes, grid, dirs, t, normal, lambert, obj), 0.0)
     ambient = sc["ambient"][:, None]
     shade = lambert.mul_(1 - ambient).add_(ambient)                       # (B, P)
 
-    # Colour. Every pixel is a mix of a few per-image colours: its object's colour, or the ground's
-    # (times a checker that fades with distance, so far cells do not alias), with fog towards the
-    # horizon colour; the sky blends horizon and zenith. So: weights (B, M+3, P) @ colours (B, 3, M+3).
-    # (In-place updates: a fresh multi-megabyte tensor costs page faults, which dominate simple ops.)
-    ground_t = torch.where(on_ground, t, 0.0)
+    image = _colour(sc, dirs, t, obj, on_obj, on_ground, sky, shade, config.noise)
+    depth = (t * grid[2]).clamp_max_(SKY_DEPTH)                          # sky (and far ground) -> SKY_DEPTH
+    return dict(image=image.view(-1, 3, H, W), depth=depth.view(-1, H, W), mask=(obj == 0).view(-1, H, W),
+                shape=sc["shape"], count=sc["count"], distance=sc["distance"])
+
+
+def _camera_rays(sc, H, W, fov):
+    """-> focal length f in pixels, the pixel grid (3, P) (unit vectors in the camera frame), camera axes
+    (B, 3, 3) (rows right, up, forward, in world coordinates) and world ray directions (3, B, P)."""
+    B = len(sc["cam"])
+    f = (min(H, W) / 2) / math.tan(math.radians(fov) / 2)
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5 - H / 2, torch.arange(W) + 0.5 - W / 2, indexing="ij")
+    grid = F.normalize(torch.stack([xs / f, -ys / f, torch.ones(H, W)]).view(3, H * W), dim=0)
+    fwd = F.normalize(sc["aim"] - sc["cam"], dim=-1)
+    right = F.normalize(torch.cross(fwd, torch.tensor([0.0, 1.0, 0.0]).expand(B, 3), dim=-1), dim=-1)
+    axes = torch.stack([right, torch.cross(right, fwd, dim=-1), fwd], 1)
+    return f, grid, axes, _turn(axes.transpose(1, 2), grid)
+
+
+def _turn(rotation, grid):
+    """(B, 3, 3) rotations applied to one (3, P) set of vectors -> (3, B, P), in one matrix product."""
+    return (rotation.permute(1, 0, 2).reshape(-1, 3) @ grid).view(3, len(rotation), -1)
+
+
+def _nearest_objects(sc, table, dirs, boxes, W):
+    """Primary rays against the objects -> ray length (B, P) (inf = no object), object slot (B, P) int32
+    (-1 = none) and unit normals (3, B, P) (zero off objects)."""
+    (B, M), P = sc["kind"].shape, dirs.shape[2]
+    owner, ray = _box_pixels(*boxes, sc["alive"], sc["kind"], W, P)
+    t, n = _hit_objects(table, owner, sc["cam"].T.index_select(1, owner // M), dirs.view(3, -1).index_select(1, ray))
+    t_obj = torch.full((B * P,), math.inf).scatter_reduce_(0, ray, t, "amin")
+    win = ((t == t_obj.index_select(0, ray)) & (t < math.inf)).nonzero().squeeze(1)
+    ray, owner = ray.index_select(0, win).long(), owner.index_select(0, win)
+    obj = torch.full((B * P,), -1, dtype=torch.int32).index_copy_(0, ray, owner % M)
+    normal = torch.zeros(3, B * P).index_copy_(1, ray, n.index_select(1, win))
+    return t_obj.view(B, P), obj.view(B, P), normal.view(3, B, P)
+
+
+def _shadowed(sc, table, boxes, W, axes, grid, dirs, t, normal, lambert, obj):
+    """Shadow rays from lit surface points towards the light, for the pixels in each object's shadow
+    box -> the pixels (int64, b*P + p) whose ray hits an object."""
+    (B, M), P = sc["kind"].shape, t.shape[1]
+    owner, ray = _box_pixels(*boxes, sc["alive"], sc["kind"], W, P)
+    keep = (lambert > 0).view(-1).index_select(0, ray) & (obj.view(-1).index_select(0, ray) != owner % M)
+    keep = keep.nonzero().squeeze(1)                                      # lit (so not sky), not itself
+    owner, ray = owner.index_select(0, keep), ray.index_select(0, keep)
+    # Most of these rays miss. In the light's frame (e1, e2, light) a shadow ray is a point, so a cheap
+    # 2-D test drops every ray that passes further than r from the bounding sphere's centre.
+    light = sc["light"]                                                   # (B, 3), towards the light
+    e1 = F.normalize(torch.cross(light, torch.tensor([0.0, 1.0, 0.0]).expand(B, 3), dim=-1), dim=-1)
+    frame = torch.stack([e1, torch.cross(light, e1, dim=-1), light], 1)  # (B, 3, 3)
+    points = _turn(frame @ axes.transpose(1, 2), grid).mul_(t).add_((frame @ sc["cam"][..., None]).transpose(0, 1))
+    centres = (sc["bcentre"] @ frame.transpose(1, 2)).flatten(0, 1).T    # (3, B*M), light frame
+    p, c = points.view(3, -1).index_select(1, ray), centres.index_select(1, owner)
+    r = table[3].index_select(0, owner)
+    near = (((p[:2] - c[:2]).square_().sum(0) < r * r) & (c[2] - p[2] > -r)).nonzero().squeeze(1)
+    owner, ray = owner.index_select(0, near), ray.index_select(0, near)
+    # the exact test, from just off the surface
+    b = owner // M
+    start = sc["cam"].T.index_select(1, b).addcmul_(dirs.view(3, -1).index_select(1, ray), t.view(-1).index_select(0, ray))
+    start.add_(normal.view(3, -1).index_select(1, ray), alpha=1e-3)
+    t_shadow, _ = _hit_objects(table, owner, start, light.T.index_select(1, b), normals=False)
+    return ray[t_shadow < math.inf].long()
+
+
+def _colour(sc, dirs, t, obj, on_obj, on_ground, sky, shade, noise):
+    """Every pixel is a mix of a few per-image colours: its object's colour, or the ground's (times a
+    checker whose contrast fades with distance, so that far cells do not alias) fading into the horizon
+    colour, or the sky's blend of horizon and zenith. So: colours (B, 3, M+3) @ weights (B, M+3, P).
+    Then a per-image contrast and brightness jitter about the mean, and pixel noise -> (B, 3, P)."""
+    (B, M), P = sc["kind"].shape, t.shape[1]
+    cam = sc["cam"].T[..., None]                                          # (3, B, 1)
+    ground_t = t * on_ground                                              # ray length, 0 off the ground
     cell, contrast = sc["checker"][:, :1], sc["checker"][:, 1:]          # (B, 1)
-    u = (dirs[0] * ground_t).add_(cam[0, :, None]).div_(cell).floor_()   # checker cell indices
-    v = (dirs[2] * ground_t).add_(cam[2, :, None]).div_(cell).floor_()
-    checker = u.add_(v).remainder_(2).mul_(-2).add_(1)                   # +1 / -1
+    u = (dirs[0] * ground_t).add_(cam[0]).div_(cell).floor_()            # checker cell indices
+    v = (dirs[2] * ground_t).add_(cam[2]).div_(cell).floor_()
+    cells = u.add_(v)
+    checker = cells.mul(0.5).floor_().mul_(4).sub_(cells, alpha=2).add_(1)  # 1 - 2 * (cells mod 2): +1 / -1
     checker.mul_(contrast).mul_(torch.exp(ground_t * (-1 / 12))).add_(1)
     fog = torch.exp(ground_t * (-1 / 40))                                 # 1 near, 0 far away
-    surface = torch.where(on_obj, shade, checker.mul_(fog).mul_(shade)).masked_fill_(sky, 0.0)
-    up = dy.clamp(0, 1).sqrt_()
-    weights = torch.zeros(B, M + 3, P)
-    weights.scatter_(1, torch.where(on_obj, obj, M)[:, None], surface[:, None])  # object m, or the ground
-    weights[:, M + 1] = torch.where(sky, 1 - up, fog.neg_().add_(1))     # horizon
-    weights[:, M + 2] = up.masked_fill_(~sky, 0.0)                        # zenith
+    up = dirs[1].clamp(0, 1).sqrt_()                                      # sky gradient
+    weights = torch.empty(B, M + 3, P)                                    # (in place: fresh big tensors cost page faults)
+    weights[:, :M].zero_()
+    weights.scatter_(1, obj.clamp_min(0)[:, None], (shade * on_obj)[:, None])  # object m: its colour
+    torch.mul(checker.mul_(fog).mul_(shade), on_ground, out=weights[:, M])     # ground
+    torch.addcmul(fog.neg_().add_(1).mul_(on_ground), sky, 1 - up, out=weights[:, M + 1])  # horizon
+    torch.mul(up, sky, out=weights[:, M + 2])                             # zenith
     colours = torch.cat([sc["colour"], sc["ground"][:, None], sc["horizon"][:, None], sc["zenith"][:, None]], 1)
 
-    # per-image contrast and brightness jitter about the image's mean value, then pixel noise from the bank
     bright, contr = sc["jitter"][:, 0, None], sc["jitter"][:, 1, None]   # (B, 1)
     mean = (colours * weights.mean(2)[..., None]).sum(1).mean(1, keepdim=True)  # (B, 1) mean pixel value
     colours = (contr[..., None] * colours).transpose(1, 2)               # (B, 3, M+3)
-    if config.noise > 0:
+    if noise > 0:  # each image reads its own slice of a fixed noise bank
         bank = _noise_bank()
-        noise = torch.stack([bank[i:i + 3 * P] for i in sc["noise_at"].tolist()]).view(B, 3, P)
-        image = torch.baddbmm(noise, colours, weights, beta=config.noise)  # (B, 3, P)
+        image = torch.stack([bank[i:i + 3 * P] for i in sc["noise_at"].tolist()]).view(B, 3, P)
+        image = torch.baddbmm(image, colours, weights, beta=noise)
     else:
         image = torch.bmm(colours, weights)
-    image.add_(((bright - contr) * mean)[..., None]).clamp_(0, 1)
-    depth = (t * grid[2]).clamp_max_(SKY_DEPTH)                          # sky: inf -> SKY_DEPTH
-    return dict(image=image.view(B, 3, H, W), depth=depth.view(B, H, W), mask=(obj == 0).view(B, H, W),
-                shape=sc["shape"], count=sc["count"], distance=sc["distance"])
+    return image.add_(((bright - contr) * mean)[..., None]).clamp_(0, 1)
+
 
 # -----------------------------------------------------------------------------
 # The scene dataset: fixed images, rendered lazily in chunks and kept in memory
@@ -417,15 +507,17 @@ def _render(sc, H, W, config):
 class SceneDataset(Dataset):
     """num_images scene images of one split. Items: image (3,H,W) float in [0,1], label (= shape), shape,
     count, distance (ints), depth (H,W) float, mask (H,W) bool. Chunks of `chunk` images are rendered on
-    first use and cached (images as uint8, depth as float16), so use num_workers=0 in a DataLoader."""
+    first use and cached (images as uint8, depth as float16), so use num_workers=0 in a DataLoader.
+    A chunk holds about a million pixels (256 images at 64 px) unless `chunk` says otherwise."""
 
-    def __init__(self, num_images, resolution=64, split="train", seed=0, config=SceneConfig(), chunk=256):
-        if not isinstance(num_images, int) or not 0 < num_images <= 10**9:
+    def __init__(self, num_images, resolution=64, split="train", seed=0, config=SceneConfig(), chunk=None):
+        if not isinstance(num_images, (int, np.integer)) or not 0 < num_images <= 10**9:
             raise ValueError(f"num_images must be a positive int (at most 10**9), got {num_images!r}")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
         self.height, self.width = _check_resolution(resolution)
-        self.num_images, self.split, self.seed, self.config, self.chunk = num_images, split, seed, config, chunk
+        self.num_images, self.split, self.seed, self.config = num_images, split, seed, config
+        self.chunk = chunk or max(16, min(256, 2**20 // (self.height * self.width)))
         self.classes = SHAPES
         self._cache = {}
 

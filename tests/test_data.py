@@ -93,6 +93,12 @@ def test_bad_inputs_raise_value_errors():
         data.SceneDataset(10, resolution=(64, 300))
     with pytest.raises(ValueError, match="32..256"):
         data.SceneDataset(10, resolution="64")
+    with pytest.raises(ValueError, match="non-negative"):
+        data.render_scenes([], 32, 32)
+    with pytest.raises(ValueError, match="non-negative"):
+        data.render_scenes([3, -1], 32, 32)
+    with pytest.raises(ValueError, match="0..4"):
+        data.SceneConfig(max_distractors=5)
     with pytest.raises(ValueError, match="positive int"):
         data.SceneDataset(0)
     with pytest.raises(ValueError, match="positive int"):
@@ -128,6 +134,7 @@ def test_scene_dataset_items_cache_and_tensors():
     assert batch["image"].shape == (8, 3, 32, 48) and batch["label"].dtype == torch.int64
     with pytest.raises(IndexError):
         ds[40]
+    assert data.SceneDataset(10, resolution=np.int64(128)).chunk == 64  # about a million pixels a chunk
 
 
 def test_splits_are_disjoint():
