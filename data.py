@@ -385,9 +385,9 @@ def _render(sc, H, W, config):
     t = torch.minimum(t, sc["cam"][:, 1, None] / dy.clamp_max(-1e-6).neg())  # upward rays: ground ~1e6 away
     normal[1].add_(on_ground)                                             # the ground's normal is +y
 
-    # Lambert shading with exact shadows. A point can only be shadowed by object m inside m's shadow
-    # volume: its bounding sphere swept away from the light down to the ground (a capsule), or its
-    # bounding box swept likewise (the hull of its corners and their shadows on the ground).
+    # Lambert shading with exact shadows. Object m can only shadow points inside its bounding sphere
+    # swept away from the light down to the ground (a capsule) and inside its bounding box swept the
+    # same way (the hull of its corners and their shadows on the ground): candidates lie in both boxes.
     lambert = (normal * sc["light"].T[..., None]).sum(0).clamp_min_(0)   # (B, P); 0 on the sky
     if config.shadows:
         light = sc["light"][:, None]                                      # (B, 1, 3)

@@ -50,6 +50,11 @@ def test_depth_is_positive_and_consistent_with_the_mask():
     assert (depth[mask] < 20).all(), "main-object pixels are a few units away, far nearer than the sky"
     # a camera looks down on the scene: the bottom row is ground, closer than the top row
     assert (depth[:, -1].mean(1) < depth[:, 0].mean(1)).all()
+    # the main object's visible surface is a little nearer than its centre
+    scenes = data.sample_scenes(np.arange(16))
+    centre = (scenes["bcentre"][:, 0] - scenes["cam"]).norm(dim=-1)
+    surface = torch.stack([d[m].median() for d, m in zip(depth, mask)])
+    assert ((centre - surface > 0.2) & (centre - surface < 1.5)).all(), centre - surface
 
 
 def test_labels_are_roughly_balanced():
