@@ -358,7 +358,8 @@ def render_scenes(indices, height, width, seed=0, config=SceneConfig()):
 # Per-pixel vectors are stored component-major, (3, B, P) with P = H*W, so that every operation runs
 # over long contiguous rows and a list of candidate rays is gathered with one index_select on (3, B*P).
 # Per-pixel masks are float 0/1 combined by arithmetic: on the CPU, torch's where(), masked_fill_()
-# and bool logic are several times slower than a multiply.
+# and bool logic are several times slower than a multiply. Many updates are in place (mul_, add_...):
+# a fresh multi-megabyte tensor costs page faults, which can take longer than the arithmetic itself.
 
 @torch.no_grad()
 def _render(sc, H, W, config):
@@ -481,7 +482,7 @@ def _colour(sc, dirs, t, obj, on_obj, on_ground, sky, shade, noise):
     checker.mul_(contrast).mul_(torch.exp(ground_t * (-1 / 12))).add_(1)
     fog = torch.exp(ground_t * (-1 / 40))                                 # 1 near, 0 far away
     up = dirs[1].clamp(0, 1).sqrt_()                                      # sky gradient
-    weights = torch.empty(B, M + 3, P)                                    # (in place: fresh big tensors cost page faults)
+    weights = torch.empty(B, M + 3, P)
     weights[:, :M].zero_()
     weights.scatter_(1, obj.clamp_min(0)[:, None], (shade * on_obj)[:, None])  # object m: its colour
     torch.mul(checker.mul_(fog).mul_(shade), on_ground, out=weights[:, M])     # ground
