@@ -397,7 +397,7 @@ def _render(sc, H, W, config):
         dropped = corners - (corners[..., 1:2] / light[..., None, 1:2]) * light[:, :, None]  # along -light to y = 0
         swept = _points_boxes(to_camera(torch.cat([corners, dropped], 2)), H, W, f)
         boxes = _intersection(capsule, swept)
-        lambert.view(-1).index_fill_(0, _shadowed(sc, table, boxes, W, axes, grid, dirs, t, normal, lambert, obj), 0.0)
+        lambert.view(-1)[_shadowed(sc, table, boxes, W, axes, grid, dirs, t, normal, lambert, obj)] = 0.0
     ambient = sc["ambient"][:, None]
     shade = lambert.mul_(1 - ambient).add_(ambient)                       # (B, P)
 

@@ -3,7 +3,9 @@ How fast does the built-in scene dataset render on this machine?
 
     python benchmarks/dataset_speed.py              # 64 px and 128 px, shadows on and off
     python benchmarks/dataset_speed.py --json       # ... and one JSON object on the last line
-    python benchmarks/dataset_speed.py --compile    # also torch.compile the ray caster (minutes to compile)
+    python benchmarks/dataset_speed.py --compile    # also torch.compile the ray caster (minutes to compile;
+                                                    # on 2 CPU cores it was no faster than eager: the
+                                                    # data-dependent steps break the graph into pieces)
 
 Each number is the median of several timed calls of render_scenes() on fresh indices (so nothing is
 cached) after one warm-up call. Run it on an otherwise idle machine: with 2 cores, another busy
