@@ -66,6 +66,7 @@ class TrainConfig:
 
 
 # Fields that may differ when resuming; every other field must match the checkpoint's.
+CALIBRATION_STEPS = 6  # --minutes: steps timed before the run is sized (the first is a warm-up)
 RESUMABLE = {"out", "resume", "checkpoint_every", "log_every", "stop_after", "compile", "device", "workers", "minutes"}
 
 
@@ -247,7 +248,8 @@ class TrainResult:
     model: M.IJEPA
     log: list  # the logged rows (also in out/log.jsonl)
     losses: list  # the loss of every step of this invocation
-    steps: int
+    steps: int  # the step reached
+    total_steps: int  # the schedules' length; steps < total_steps when a --minutes deadline cut the run
     seconds: float
     config: TrainConfig
 
@@ -308,11 +310,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         per_epoch = sum(1 for _ in build_stream(cfg, dataset, rank, world)) if cfg.packing else \
             math.ceil(len(dataset) / world / cfg.batch_size)
         total = max(1, round(cfg.epochs * per_epoch))
-    # --minutes: the schedules need a length, so the first steps are timed and the run sized from them
+    # --minutes: the schedules need a length in steps. The first CALIBRATION_STEPS are timed (wall
+    # clock, data loading included) and the run is sized from their median, with a small margin for
+    # the logging and checkpoint steps; until then the schedules use the running estimate. The
+    # deadline stays a hard cap, so a run never overshoots its minutes.
     calibrating = total is None
     deadline = time.perf_counter() + cfg.minutes * 60 if cfg.minutes else None
 
-    log, losses, start, step_times = [], [], time.perf_counter(), []
+    def steps_that_fit() -> int:
+        remaining = 0.97 * (deadline - time.perf_counter())
+        return step + max(1, int(remaining / statistics.median(wall_times[1:] or wall_times)))
+
+    log, losses, start, wall_times = [], [], time.perf_counter(), []
     stop_at = step + cfg.stop_after if cfg.stop_after else None
     bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="pre-training", dynamic_ncols=True)
     batches = batches_forever(stream, cfg, epoch, in_epoch)
@@ -321,10 +330,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             break
         if deadline is not None and time.perf_counter() > deadline:
             break
+        t_wall = time.perf_counter()
         epoch, i, batch = next(batches)
         in_epoch = i + 1
         batch = batch.to(device)
-        sched = set_schedules(optimizer, cfg, step, total or 10**9)
+        schedule_length = total if total is not None else steps_that_fit() if wall_times else 10**9
+        sched = set_schedules(optimizer, cfg, step, schedule_length)
         t0 = time.perf_counter()
         want_log = step % cfg.log_every == 0
         result = training_step(model, optimizer, batch, sched["ema_momentum"], forward, cfg.grad_clip, grad_norms=want_log)
@@ -339,12 +350,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             raise FloatingPointError(f"loss is {loss} at step {step}; training stopped ({kept}). Lower --lr, "
                                      f"or enable --grad-clip")
         step += 1
-        step_times.append(dt)
+        wall_times.append(time.perf_counter() - t_wall)
         losses.append(loss)
         images = len(batch.grids)
-        if calibrating and step == 5:  # size the run from the median of the first steps
-            elapsed = time.perf_counter() - start
-            total = step + max(1, int((cfg.minutes * 60 - elapsed) / statistics.median(step_times)))
+        if calibrating and len(wall_times) == CALIBRATION_STEPS:
+            total = steps_that_fit()
             bar.total = total
             calibrating = False
         bar.update(1)
@@ -366,7 +376,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         save_checkpoint(ckpt_path, checkpoint_state())
     if distributed:
         dist.destroy_process_group()
-    return TrainResult(model, log, losses, step, time.perf_counter() - start, cfg)
+    return TrainResult(model, log, losses, step, total or step, time.perf_counter() - start, cfg)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -417,5 +427,6 @@ def parse_args(argv=None) -> TrainConfig:
 if __name__ == "__main__":
     result = train(parse_args())
     if result.losses:
-        print(f"trained to step {result.steps} in {result.seconds / 60:.1f} min; last loss {result.losses[-1]:.4f}")
+        print(f"trained to step {result.steps} of {result.total_steps} in {result.seconds / 60:.1f} min; "
+              f"last loss {result.losses[-1]:.4f}")
     sys.exit(0)

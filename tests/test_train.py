@@ -107,3 +107,14 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     fresh = T.M.IJEPA(T.TrainConfig(**TINY).jepa_config())
     assert not torch.equal(a["student.blocks.0.attn.qkv.weight"], fresh.student.blocks[0].attn.qkv.weight)
+
+
+def test_minutes_sizes_the_schedules_from_timed_steps():
+    # a few seconds of training: the run is sized after the timed steps, the deadline is never passed,
+    # and the warm-up already ramps during the timed steps (the learning rate is not held at zero)
+    result = T.train(T.TrainConfig(minutes=0.1, **TINY), progress=False)
+    assert result.steps >= T.CALIBRATION_STEPS
+    assert result.total_steps >= result.steps
+    assert result.seconds < 0.1 * 60 + 2
+    lrs = [row["lr"] for row in result.log]
+    assert lrs[1] > lrs[0] and lrs[2] > 1e-4 * result.config.lr  # 10**9 steps would give 1e-8
