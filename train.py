@@ -119,7 +119,7 @@ def training_step(model: M.IJEPA, optimizer: torch.optim.Optimizer, batch: M.Mas
     default the model itself. On CUDA the forward runs under bf16 autocast."""
     device = batch.context_patches.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = (forward or model)(batch)
+        out = (model if forward is None else forward)(batch)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     norms = block_grad_norms(model) if grad_norms else {}
@@ -408,7 +408,9 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--stop-after", type=int, help="stop after so many steps of this invocation (resume later)")
     ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the forward; with --packing every batch has one shape and it compiles once, "
+                         "without it the padded lengths vary and it compiles a second, dynamic-shape graph")
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--workers", type=int, default=d.workers)
     a = ap.parse_args(argv)
