@@ -4,7 +4,7 @@ The work is one function, `train(TrainConfig)`, that the notebooks call too; the
 maps its flags onto that config. Per step: a batch (ordinary or packed) from `packing.BatchStream`,
 then `training_step` (forward, backward, AdamW, EMA) with the schedules of models.py.
 
-    python train.py                                   # demo recipe, 15 minutes on 2 CPU cores
+    python train.py                                   # demo recipe, 15 minutes on 2 CPU cores -> checkpoints/demo/
     python train.py --steps 200 --out checkpoints/run1
     python train.py --steps 400 --out checkpoints/run1 --resume
     torchrun --nproc_per_node 2 train.py --steps 100   # DistributedDataParallel
@@ -403,7 +403,7 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--ema", type=float, nargs=2, default=d.ema, metavar=("START", "END"))
     ap.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    ap.add_argument("--out", default=d.out, help="folder for checkpoint.pt and log.jsonl")
+    ap.add_argument("--out", default="checkpoints/demo", help="folder for checkpoint.pt and log.jsonl (default: checkpoints/demo)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--stop-after", type=int, help="stop after so many steps of this invocation (resume later)")

@@ -79,7 +79,6 @@ def test_training_lowers_the_loss():
     (["--feature-norm", "rms"], "unknown feature norm 'rms'"),
     (["--loss", "l1"], "unknown loss 'l1'"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--resume"], "--resume needs --out"),
     (["--resume", "--out", "/nonexistent/run"], "--resume: no checkpoint at /nonexistent/run/checkpoint.pt"),
     (["--dataset", "/no/such/folder"], "not a known dataset"),
     (["--steps", "5", "--minutes", "2"], "exactly one of --steps, --epochs, --minutes"),
