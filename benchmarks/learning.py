@@ -65,7 +65,7 @@ def main():
         table[label] = row
 
     print(f"\npre-training: {cfg.model}, {cfg.resolution} px, patch {cfg.patch_size}, {cfg.masking} masking, batch "
-          f"{cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema[0]}->{cfg.ema[1]}: {result.steps} steps in {minutes:.1f} min "
+          f"{cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema[0]}->{cfg.ema[1]}: {result.steps} of {result.total_steps} scheduled steps in {minutes:.1f} min "
           f"(final loss {result.losses[-1]:.4f})")
     print(f"probe: {args.probe_train} train / {args.probe_test} test scenes, best layer on validation; top-1 accuracy")
     print(f"{'label':<10}{'chance':>8}{'pixels':>8}{'random':>8}{'student':>9}{'teacher':>9}{'+-1 se':>8}  layers (s/t)")
@@ -79,7 +79,8 @@ def main():
           f"{(max(shape['teacher'], shape['student']) - shape['pixels']) * 100:+.1f} points")
     if args.json:
         print(json.dumps({**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},
-                          "minutes": round(minutes, 2), "steps": result.steps}))
+                          "minutes": round(minutes, 2), "steps": result.steps,
+                          "total_steps": result.total_steps}))
 
 
 if __name__ == "__main__":

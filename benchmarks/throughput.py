@@ -9,8 +9,10 @@
 Step i of every regime trains on the same images: those the packer put into packed batch i (B
 with the very same resized images and masks, A with them at the largest side). Images/s are of whole training steps (forward,
 backward, AdamW, EMA), median over steps after warm-up, with the regimes' steps interleaved so
-that any load on the machine hits all three alike. Peak memory is read from two steps of each
-regime in a fresh process (CPU: growth of the resident set; CUDA: peak allocated).
+that any load on the machine hits all three alike. Memory per regime: on CUDA the peak allocated
+over two steps in a fresh process; on a CPU, where the allocator keeps no peak, the tensors alive
+when the backward pass starts (parameters, their gradients and AdamW state, and the activations
+that autograd saved for backward, counted once per storage).
 
     python benchmarks/throughput.py                 # micro, patch 8, 32-96 px scenes
     python benchmarks/throughput.py --compile       # + the packed step under torch.compile
@@ -21,7 +23,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -33,11 +34,6 @@ import data  # noqa: E402
 import models as M  # noqa: E402
 import packing as P  # noqa: E402
 from train import training_step  # noqa: E402
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def new_model(args):
@@ -56,17 +52,26 @@ def timed_step(model, opt, batch, device, forward=None) -> float:
 
 
 def peak_memory(args, batches) -> float:
-    """Peak memory (MB) of two training steps, in this (fresh) process."""
+    """MB of one regime's training step (see the module docstring for what is counted where)."""
     device = torch.device(args.device)
     model, opt = new_model(args)
-    base = rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for batch in batches[:2]:
-        timed_step(model, opt, batch, device)
-    if device.type == "cuda":
+        for batch in batches[:2]:
+            timed_step(model, opt, batch, device)
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    timed_step(model, opt, batches[0], device)  # creates the gradients and the AdamW state
+    state = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None),
+             *(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state}
+
+    def count(t):  # autograd hands over every tensor it keeps for the backward pass
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        model(batches[1].to(device))
+    return sum(storages.values()) / 2**20
 
 
 def compiled_run(args, batches) -> dict:
@@ -153,7 +158,8 @@ def main():
             if i >= args.warmup:
                 rates[k].append(len(batches[i].grids) / dt)
     rate = {k: statistics.median(v) for k, v in rates.items()}
-    peak = {k: in_fresh_process(peak_memory, args, batches[:2]) for k, batches in regimes.items()}
+    peak = {k: in_fresh_process(peak_memory, args, batches[:2]) if device.type == "cuda" else peak_memory(args, batches[:2])
+            for k, batches in regimes.items()}
     compiled = in_fresh_process(compiled_run, args, packed[-(1 + n_compile):]) if args.compile else None
 
     def slots(batches, stream):
@@ -171,12 +177,12 @@ def main():
     print(f"packing: {cfg.rows} rows x ({cfg.context_len} context + {cfg.target_len} target) slots, "
           f"{per_batch} images per batch on average; packing {len(splits)} images took {pack_s:.1f} s "
           f"({len(splits) / pack_s:.0f} images/s, rendering included)")
-    print(f"{'regime':<38}{'images/batch':>13}{'occupancy':>11}{'images/s':>10}{'peak MB':>9}")
+    print(f"{'regime':<38}{'images/batch':>13}{'occupancy':>11}{'images/s':>10}{'memory MB':>11}")
     rows = [("A fixed resolution, ordinary batches", per_batch, fixed_occ, "A"),
             ("B variable resolution, padded", per_batch, padded_occ, "B"),
             ("C variable resolution, packed", per_batch, occ, "C")]
     for label, n, o, k in rows:
-        print(f"{label:<38}{n:>13}{o:>11.3f}{rate[k]:>10.1f}{peak[k]:>9.0f}")
+        print(f"{label:<38}{n:>13}{o:>11.3f}{rate[k]:>10.1f}{peak[k]:>11.0f}")
     print(f"speedup C/A: {rate['C'] / rate['A']:.2f}x   packing speedup C/B: {rate['C'] / rate['B']:.2f}x")
     summary = {"occupancy": round(occ, 4), "padded_occupancy": round(padded_occ, 4),
                "fixed_occupancy": round(fixed_occ, 4),
