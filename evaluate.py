@@ -7,10 +7,12 @@ scikit-learn logistic regression whose regularisation is chosen on a validation 
 too; the test split never takes part in a choice.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
@@ -44,12 +46,14 @@ class ProbeResult:
     C: float  # chosen inverse regularisation strength
     val_top1: float  # accuracy on the validation split at that C
     predictions: np.ndarray  # test predictions, for confusion matrices
+    converged: bool  # False when a fit stopped at max_iter (common for raw pixels: thousands of features)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, val_fraction: float = 0.2,
                  Cs=(0.01, 0.1, 1.0, 10.0), seed: int = 0, max_iter: int = 1000) -> ProbeResult:
     """Logistic regression on standardised features; C chosen on a held-out part of the training
-    set, then refit on the whole training set and scored once on the test set."""
+    set, then refit on the whole training set and scored once on the test set. A fit that stops at
+    `max_iter` is reported in `converged` rather than by a warning per fit."""
     train_x, test_x = np.asarray(train_x, dtype=np.float64), np.asarray(test_x, dtype=np.float64)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
@@ -58,9 +62,18 @@ def linear_probe(train_x, train_y, test_x, test_y, val_fraction: float = 0.2,
     n_val = max(1, int(round(val_fraction * len(train_x))))
     val, fit = order[:n_val], order[n_val:]
 
+    converged = True
+
     def fitted(x, y, C):
+        nonlocal converged
         scaler = StandardScaler().fit(x)
-        clf = LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(x), y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            clf = LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(x), y)
+        converged &= not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        for w in caught:  # anything else is passed on
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return scaler, clf
 
     scores = []
@@ -71,7 +84,7 @@ def linear_probe(train_x, train_y, test_x, test_y, val_fraction: float = 0.2,
     scaler, clf = fitted(train_x, train_y, Cs[best])
     pred = clf.predict(scaler.transform(test_x))
     return ProbeResult(top1=float((pred == test_y).mean()), macro_f1=float(f1_score(test_y, pred, average="macro")),
-                       C=Cs[best], val_top1=scores[best], predictions=pred)
+                       C=Cs[best], val_top1=scores[best], predictions=pred, converged=converged)
 
 
 @dataclass

@@ -11,6 +11,7 @@ then `training_step` (forward, backward, AdamW, EMA) with the schedules of model
 """
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -66,7 +67,7 @@ class TrainConfig:
 
 
 # Fields that may differ when resuming; every other field must match the checkpoint's.
-CALIBRATION_STEPS = 6  # --minutes: steps timed before the run is sized (the first is a warm-up)
+STEP_WINDOW = 200  # --minutes: the run is sized from the median duration of the last so many steps
 RESUMABLE = {"out", "resume", "checkpoint_every", "log_every", "stop_after", "compile", "device", "workers", "minutes"}
 
 
@@ -249,7 +250,7 @@ class TrainResult:
     log: list  # the logged rows (also in out/log.jsonl)
     losses: list  # the loss of every step of this invocation
     steps: int  # the step reached
-    total_steps: int  # the schedules' length; steps < total_steps when a --minutes deadline cut the run
+    total_steps: int  # the schedules' length (with --minutes, the final estimate: = steps)
     seconds: float
     config: TrainConfig
 
@@ -310,31 +311,33 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         per_epoch = sum(1 for _ in build_stream(cfg, dataset, rank, world)) if cfg.packing else \
             math.ceil(len(dataset) / world / cfg.batch_size)
         total = max(1, round(cfg.epochs * per_epoch))
-    # --minutes: the schedules need a length in steps. The first CALIBRATION_STEPS are timed (wall
-    # clock, data loading included) and the run is sized from their median, with a small margin for
-    # the logging and checkpoint steps; until then the schedules use the running estimate. The
-    # deadline stays a hard cap, so a run never overshoots its minutes.
-    calibrating = total is None
-    deadline = time.perf_counter() + cfg.minutes * 60 if cfg.minutes else None
+    # --minutes: the schedules need a length in steps that is not known in advance. Before every
+    # step it is re-estimated as the steps done plus those that fit in the time left at the median
+    # wall-clock step (data loading included) of the last STEP_WINDOW steps. The median ignores the
+    # slow first step, logging and checkpoint steps and passing load on the machine; the schedules
+    # are smooth in step / length, so the settling estimate moves them little. The run ends when no
+    # further step fits, a small margin before the deadline.
+    timed = cfg.minutes is not None and total is None
+    deadline = time.perf_counter() + cfg.minutes * 60 if timed else None
 
     def steps_that_fit() -> int:
-        remaining = 0.97 * (deadline - time.perf_counter())
-        return step + max(1, int(remaining / statistics.median(wall_times[1:] or wall_times)))
+        remaining = 0.98 * (deadline - time.perf_counter())
+        return step + int(remaining / statistics.median(wall_times)) if wall_times else 10**9
 
-    log, losses, start, wall_times = [], [], time.perf_counter(), []
+    log, losses, start, wall_times = [], [], time.perf_counter(), collections.deque(maxlen=STEP_WINDOW)
     stop_at = step + cfg.stop_after if cfg.stop_after else None
     bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="pre-training", dynamic_ncols=True)
     batches = batches_forever(stream, cfg, epoch, in_epoch)
     while True:
         if total is not None and step >= total or stop_at is not None and step >= stop_at:
             break
-        if deadline is not None and time.perf_counter() > deadline:
+        schedule_length = steps_that_fit() if timed else total
+        if timed and schedule_length <= step:
             break
         t_wall = time.perf_counter()
         epoch, i, batch = next(batches)
         in_epoch = i + 1
         batch = batch.to(device)
-        schedule_length = total if total is not None else steps_that_fit() if wall_times else 10**9
         sched = set_schedules(optimizer, cfg, step, schedule_length)
         t0 = time.perf_counter()
         want_log = step % cfg.log_every == 0
@@ -351,12 +354,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                                      f"or enable --grad-clip")
         step += 1
         wall_times.append(time.perf_counter() - t_wall)
+        if step == 2:  # the first step (allocations, warm-up) is a poor guide to the others
+            wall_times.popleft()
         losses.append(loss)
         images = len(batch.grids)
-        if calibrating and len(wall_times) == CALIBRATION_STEPS:
-            total = steps_that_fit()
-            bar.total = total
-            calibrating = False
+        if timed:
+            bar.total = max(step, steps_that_fit())
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / dt:.0f}")
         if want_log:
@@ -376,7 +379,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         save_checkpoint(ckpt_path, checkpoint_state())
     if distributed:
         dist.destroy_process_group()
-    return TrainResult(model, log, losses, step, total or step, time.perf_counter() - start, cfg)
+    return TrainResult(model, log, losses, step, step if timed else total, time.perf_counter() - start, cfg)
 
 
 # -----------------------------------------------------------------------------------------------

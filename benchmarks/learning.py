@@ -8,9 +8,11 @@ encoder learned something.
 
     python benchmarks/learning.py                  # 15 minutes of pre-training
     python benchmarks/learning.py --minutes 3 --json
+    python benchmarks/learning.py --set batch_size=64 lr=2e-3 --labels shape --no-pixels   # try a change
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,6 +28,28 @@ import models as M  # noqa: E402
 import train as T  # noqa: E402
 
 
+def recipe_changes(pairs: list) -> dict:
+    """["batch_size=64", "ema=0.998,1.0"] -> {"batch_size": 64, "ema": (0.998, 1.0)}, typed like the defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(T.TrainConfig)}
+    changes = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in defaults or not value:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(defaults)}")
+        default = defaults[key]
+        if isinstance(default, tuple):
+            changes[key] = tuple(float(v) for v in value.split(","))
+        elif isinstance(default, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            changes[key] = int(value)
+        elif isinstance(default, float) or (default is None and value.replace(".", "", 1).isdigit()):
+            changes[key] = float(value) if "." in value or isinstance(default, float) else int(value)
+        else:
+            changes[key] = value
+    return changes
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=15.0)
@@ -33,10 +57,14 @@ def main():
     ap.add_argument("--probe-test", type=int, default=2000, help="held-out test images")
     ap.add_argument("--out", default=None, help="keep the checkpoint and log here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="change the recipe: train.TrainConfig fields, e.g. batch_size=64 lr=2e-3 ema=0.998,1.0")
+    ap.add_argument("--labels", nargs="+", default=list(data.LABELS), choices=data.LABELS)
+    ap.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel probe (the slowest part)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    cfg = T.TrainConfig(minutes=args.minutes, out=args.out, seed=args.seed)
+    cfg = T.TrainConfig(minutes=args.minutes, out=args.out, seed=args.seed, **recipe_changes(args.set))
     t0 = time.perf_counter()
     result = T.train(cfg, progress=not args.json)
     minutes = (time.perf_counter() - t0) / 60
@@ -53,30 +81,33 @@ def main():
     pixels = (train_images.flatten(1).numpy(), test_images.flatten(1).numpy())
 
     table = {}
-    for label in data.LABELS:
+    for label in args.labels:
         y_train, y_test = train_set.tensors(label)[1].numpy(), test_set.tensors(label)[1].numpy()
         row = {}
         for name, (a, b) in feats.items():
             best = E.probe_best_layer(a, y_train, b, y_test, seed=cfg.seed)
             row[name], row[f"{name}_layer"] = best.result.top1, best.layer
-        row["pixels"] = E.linear_probe(pixels[0], y_train, pixels[1], y_test, seed=cfg.seed).top1
+        row["pixels"] = None if args.no_pixels else E.linear_probe(pixels[0], y_train, pixels[1], y_test, seed=cfg.seed).top1
         row["chance"] = float(np.bincount(y_test).max() / len(y_test))
         row["stderr"] = E.standard_error(max(row["teacher"], row["student"]), len(y_test))
         table[label] = row
 
-    print(f"\npre-training: {cfg.model}, {cfg.resolution} px, patch {cfg.patch_size}, {cfg.masking} masking, batch "
+    changed = f" (changed: {' '.join(args.set)})" if args.set else ""
+    print(f"\npre-training{changed}: {cfg.model}, {cfg.resolution} px, patch {cfg.patch_size}, {cfg.masking} masking, batch "
           f"{cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema[0]}->{cfg.ema[1]}: {result.steps} of {result.total_steps} scheduled steps in {minutes:.1f} min "
           f"(final loss {result.losses[-1]:.4f})")
     print(f"probe: {args.probe_train} train / {args.probe_test} test scenes, best layer on validation; top-1 accuracy")
     print(f"{'label':<10}{'chance':>8}{'pixels':>8}{'random':>8}{'student':>9}{'teacher':>9}{'+-1 se':>8}  layers (s/t)")
     for label, r in table.items():
-        print(f"{label:<10}{r['chance']:>8.3f}{r['pixels']:>8.3f}{r['random_init']:>8.3f}{r['student']:>9.3f}"
+        print(f"{label:<10}{r['chance']:>8.3f}{'-' if r['pixels'] is None else format(r['pixels'], '.3f'):>8}{r['random_init']:>8.3f}{r['student']:>9.3f}"
               f"{r['teacher']:>9.3f}{r['stderr']:>8.3f}  {r['student_layer']}/{r['teacher_layer']}")
-    shape = table["shape"]
-    gain = max(shape["teacher"], shape["student"]) - shape["random_init"]
-    print(f"shape: best of teacher/student minus random init = {gain * 100:+.1f} points "
-          f"({gain / shape['stderr']:.1f} standard errors); minus pixels = "
-          f"{(max(shape['teacher'], shape['student']) - shape['pixels']) * 100:+.1f} points")
+    if "shape" in table:
+        shape = table["shape"]
+        best = max(shape["teacher"], shape["student"])
+        gain = best - shape["random_init"]
+        print(f"shape: best of teacher/student minus random init = {gain * 100:+.1f} points "
+              f"({gain / shape['stderr']:.1f} standard errors)"
+              + ("" if shape["pixels"] is None else f"; minus pixels = {(best - shape['pixels']) * 100:+.1f} points"))
     if args.json:
         print(json.dumps({**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},
                           "minutes": round(minutes, 2), "steps": result.steps,

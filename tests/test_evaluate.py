@@ -21,6 +21,13 @@ def test_probe_separable_blobs_are_solved():
     assert r.top1 == 1.0 and r.macro_f1 == 1.0 and r.C in (0.01, 0.1, 1.0, 10.0)
 
 
+def test_probe_reports_a_fit_cut_short_without_warning(recwarn):
+    x, y = blobs(300, 8, 3, 1.0, 5)
+    assert E.linear_probe(x[:200], y[:200], x[200:], y[200:]).converged
+    assert not E.linear_probe(x[:200], y[:200], x[200:], y[200:], max_iter=1).converged
+    assert not [w for w in recwarn if "converge" in str(w.message)]
+
+
 def test_probe_random_labels_stay_at_chance():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(1000, 16)), rng.integers(0, 4, 1000)
