@@ -286,7 +286,7 @@ def test_param_groups_exclude_1d_and_mask_token_from_weight_decay():
 def test_residual_projections_are_rescaled_at_init():
     torch.manual_seed(0)
     enc = M.VisionTransformer(M.ViTConfig(dim=192, depth=8, heads=3))
-    first, last = enc.blocks[0].mlp.fc2.weight.std(), enc.blocks[7].mlp.fc2.weight.std()
+    first, last = enc.blocks[0].mlp.fc2.weight.detach().std(), enc.blocks[7].mlp.fc2.weight.detach().std()
     assert float(first / last) == pytest.approx(math.sqrt(8), rel=0.1)
 
 
