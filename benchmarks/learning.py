@@ -8,7 +8,8 @@ encoder learned something.
 
     python benchmarks/learning.py                  # 15 minutes of pre-training
     python benchmarks/learning.py --minutes 3 --json
-    python benchmarks/learning.py --set batch_size=64 lr=2e-3 --labels shape --no-pixels   # try a change
+    python benchmarks/learning.py --set batch_size=64 lr=3e-3 --labels shape --no-pixels   # try a change
+    python benchmarks/learning.py --set steps=1200 --labels shape   # a fixed length instead of --minutes
 """
 
 import argparse
@@ -58,13 +59,15 @@ def main():
     ap.add_argument("--out", default=None, help="keep the checkpoint and log here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                    help="change the recipe: train.TrainConfig fields, e.g. batch_size=64 lr=2e-3 ema=0.998,1.0")
+                    help="change the recipe: train.TrainConfig fields, e.g. batch_size=64 lr=3e-3 ema=0.998,1.0")
     ap.add_argument("--labels", nargs="+", default=list(data.LABELS), choices=data.LABELS)
     ap.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel probe (the slowest part)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    cfg = T.TrainConfig(minutes=args.minutes, out=args.out, seed=args.seed, **recipe_changes(args.set))
+    changes = recipe_changes(args.set)
+    length = {} if {"steps", "epochs"} & changes.keys() else {"minutes": args.minutes}  # --set steps=N: a fixed length
+    cfg = T.TrainConfig(out=args.out, seed=args.seed, **length, **changes)
     t0 = time.perf_counter()
     result = T.train(cfg, progress=not args.json)
     minutes = (time.perf_counter() - t0) / 60
@@ -94,8 +97,8 @@ def main():
 
     changed = f" (changed: {' '.join(args.set)})" if args.set else ""
     print(f"\npre-training{changed}: {cfg.model}, {cfg.resolution} px, patch {cfg.patch_size}, {cfg.masking} masking, batch "
-          f"{cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema[0]}->{cfg.ema[1]}: {result.steps} of {result.total_steps} scheduled steps in {minutes:.1f} min "
-          f"(final loss {result.losses[-1]:.4f})")
+          f"{cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema[0]}->{cfg.ema[1]}: {result.steps} of {result.total_steps} scheduled steps in {result.seconds / 60:.1f} min "
+          f"({minutes:.1f} with the training scenes rendered; final loss {result.losses[-1]:.4f})")
     print(f"probe: {args.probe_train} train / {args.probe_test} test scenes, best layer on validation; top-1 accuracy")
     print(f"{'label':<10}{'chance':>8}{'pixels':>8}{'random':>8}{'student':>9}{'teacher':>9}{'+-1 se':>8}  layers (s/t)")
     for label, r in table.items():
@@ -110,7 +113,7 @@ def main():
               + ("" if shape["pixels"] is None else f"; minus pixels = {(best - shape['pixels']) * 100:+.1f} points"))
     if args.json:
         print(json.dumps({**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},
-                          "minutes": round(minutes, 2), "steps": result.steps,
+                          "minutes": round(minutes, 2), "train_minutes": round(result.seconds / 60, 2), "steps": result.steps,
                           "total_steps": result.total_steps}))
 
 
