@@ -36,6 +36,8 @@ class TrainConfig:
     num_images: int = 12_000  # training images of the built-in dataset
     resolution: int = 64  # image side in pixels (packing: the largest side)
     model: str = "micro"
+    predictor_dim: int | None = None  # None: the preset's predictor width and depth
+    predictor_depth: int | None = None
     patch_size: int = 8
     masking: str = "multiblock"
     packing: bool = False
@@ -63,7 +65,8 @@ class TrainConfig:
 
     def jepa_config(self) -> M.JEPAConfig:
         return M.JEPAConfig(model=self.model, patch_size=self.patch_size, feature_norm=self.feature_norm,
-                            loss=self.loss, condition_encoders=self.condition_encoders)
+                            loss=self.loss, condition_encoders=self.condition_encoders,
+                            predictor_dim=self.predictor_dim, predictor_depth=self.predictor_depth)
 
 
 # Fields that may differ when resuming; every other field must match the checkpoint's.
@@ -393,6 +396,8 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--num-images", type=int, default=d.num_images, help="training images of the built-in scenes")
     ap.add_argument("--resolution", type=int, default=d.resolution)
     ap.add_argument("--model", default=d.model, help=f"one of {sorted(M.PRESETS)}")
+    ap.add_argument("--predictor-dim", type=int, help="predictor width (default: the preset's)")
+    ap.add_argument("--predictor-depth", type=int, help="predictor blocks (default: the preset's)")
     ap.add_argument("--patch-size", type=int, default=d.patch_size)
     ap.add_argument("--masking", default=d.masking, help=f"one of {sorted(M.MASKINGS)}")
     ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d.packing)

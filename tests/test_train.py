@@ -6,6 +6,7 @@ import socket
 import pytest
 import torch
 
+import models as M
 import train as T
 
 TINY = dict(num_images=48, resolution=32, batch_size=16, checkpoint_every=2, log_every=1, warmup=0.25)
@@ -87,6 +88,13 @@ def test_bad_flags_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_predictor_flags_size_the_predictor():
+    model = M.IJEPA(T.parse_args(["--predictor-dim", "96", "--predictor-depth", "2"]).jepa_config())
+    assert len(model.predictor.blocks) == 2 and model.predictor.embed.out_features == 96
+    model = M.IJEPA(T.parse_args([]).jepa_config())  # the preset's: micro predicts with 3 blocks of 64
+    assert len(model.predictor.blocks) == 3 and model.predictor.embed.out_features == 64
 
 
 def _ddp_worker(rank, port, out):
