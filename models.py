@@ -71,6 +71,13 @@ class JEPAConfig:
             raise ValueError(f"unknown feature norm {self.feature_norm!r}; choose one of {FEATURE_NORMS}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
+        heads = PRESETS[self.model][2]  # the predictor shares the encoder's head count
+        step = math.lcm(heads, 4)  # whole heads, and sin-cos positions in four equal parts
+        if self.predictor_dim is not None and (self.predictor_dim < 1 or self.predictor_dim % step):
+            raise ValueError(f"predictor_dim={self.predictor_dim}: must be a positive multiple of {step} "
+                             f"for {self.model!r} ({heads} heads; sin-cos positions need a multiple of 4)")
+        if self.predictor_depth is not None and self.predictor_depth < 1:
+            raise ValueError(f"predictor_depth={self.predictor_depth}: must be at least 1")
 
     def encoder_config(self) -> ViTConfig:
         dim, depth, heads, _, _ = PRESETS[self.model]
@@ -79,7 +86,8 @@ class JEPAConfig:
 
     def predictor_config(self) -> ViTConfig:
         _, _, heads, pdim, pdepth = PRESETS[self.model]
-        return ViTConfig(self.predictor_dim or pdim, self.predictor_depth or pdepth, heads,
+        return ViTConfig(pdim if self.predictor_dim is None else self.predictor_dim,
+                         pdepth if self.predictor_depth is None else self.predictor_depth, heads,
                          self.patch_size, self.in_chans)
 
 

@@ -83,6 +83,8 @@ def test_training_lowers_the_loss():
     (["--resume", "--out", "/nonexistent/run"], "--resume: no checkpoint at /nonexistent/run/checkpoint.pt"),
     (["--dataset", "/no/such/folder"], "not a known dataset"),
     (["--steps", "5", "--minutes", "2"], "exactly one of --steps, --epochs, --minutes"),
+    (["--predictor-depth", "0"], "predictor_depth=0: must be at least 1"),
+    (["--predictor-dim", "90"], "predictor_dim=90: must be a positive multiple of 4"),
 ])
 def test_bad_flags_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
