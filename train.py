@@ -4,7 +4,7 @@ The work is one function, `train(TrainConfig)`, that the notebooks call too; the
 maps its flags onto that config. Per step: a batch (ordinary or packed) from `packing.BatchStream`,
 then `training_step` (forward, backward, AdamW, EMA) with the schedules of models.py.
 
-    python train.py                                   # demo recipe, 15 minutes on 2 CPU cores -> checkpoints/demo/
+    python train.py                                   # demo recipe: 1,200 steps, 10-15 minutes on 2 CPU cores -> checkpoints/demo/
     python train.py --steps 200 --out checkpoints/run1
     python train.py --steps 400 --out checkpoints/run1 --resume
     torchrun --nproc_per_node 2 train.py --steps 100   # DistributedDataParallel
@@ -48,10 +48,10 @@ class TrainConfig:
     epochs: float | None = None
     minutes: float | None = None
     batch_size: int = 128  # images per step (packing: rows are sized to hold about this many)
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 2e-3  # peak learning rate
     warmup: float = 0.1  # fraction of the run spent warming up
     weight_decay: tuple = (0.04, 0.4)
-    ema: tuple = (0.996, 1.0)
+    ema: tuple = (0.998, 1.0)  # teacher momentum, start -> end (the official recipe: 0.996 -> 1.0)
     grad_clip: float = 0.0  # 0: none (as the official recipe)
     seed: int = 0
     out: str | None = None  # folder for checkpoint.pt and log.jsonl
@@ -68,6 +68,8 @@ class TrainConfig:
                             loss=self.loss, condition_encoders=self.condition_encoders,
                             predictor_dim=self.predictor_dim, predictor_depth=self.predictor_depth)
 
+
+DEMO_STEPS = 1200  # the demo recipe's length when no --steps, --epochs or --minutes is given (12.8 epochs)
 
 # Fields that may differ when resuming; every other field must match the checkpoint's.
 STEP_WINDOW = 200  # --minutes: the run is sized from the median duration of the last so many steps
@@ -423,7 +425,7 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--workers", type=int, default=d.workers)
     a = ap.parse_args(argv)
     if a.steps is None and a.epochs is None and a.minutes is None:
-        a.minutes = 15.0  # the demo recipe
+        a.steps = DEMO_STEPS  # the demo recipe
     if a.dataset not in ("scenes", "stl10", "cifar10") and not os.path.isdir(a.dataset):
         ap.error(f"--dataset {a.dataset!r}: not a known dataset (scenes, stl10, cifar10) nor an existing folder")
     cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
