@@ -44,13 +44,13 @@ class ViTConfig:
     patch_size: int = 16
     in_chans: int = 3
     mlp_ratio: float = 4.0
-    final_norm: str = "layernorm"  # "layernorm" (affine, as released) or "dyntanh"
+    final_norm: str = "layernorm"  # "layernorm" (affine, as released), "dyntanh", or "none" (raw block output)
 
     def __post_init__(self):
         if self.dim % self.heads or self.dim % 4:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads} and by 4")
-        if self.final_norm not in ("layernorm", "dyntanh"):
-            raise ValueError(f"final_norm must be 'layernorm' or 'dyntanh', got {self.final_norm!r}")
+        if self.final_norm not in ("layernorm", "dyntanh", "none"):
+            raise ValueError(f"final_norm must be 'layernorm', 'dyntanh' or 'none', got {self.final_norm!r}")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,10 @@ class JEPAConfig:
 
     def encoder_config(self) -> ViTConfig:
         dim, depth, heads, _, _ = PRESETS[self.model]
-        final = "dyntanh" if self.feature_norm == "dyntanh" else "layernorm"
+        # The encoder's last layer is part of the feature norm: the released encoders end in an
+        # affine LayerNorm (then the targets get a parameter-free one on top); DynTanh replaces it;
+        # "batchnorm" and "none" start from the raw output of the last block.
+        final = {"layernorm": "layernorm", "dyntanh": "dyntanh"}.get(self.feature_norm, "none")
         return ViTConfig(dim, depth, heads, self.patch_size, self.in_chans, final_norm=final)
 
     def predictor_config(self) -> ViTConfig:
@@ -214,9 +217,12 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module, blocks: nn.ModuleList) -> None:
-    """Initialisation of the official training: truncated normal (std 0.02) for every Linear,
-    zero biases, LayerNorm 1/0, and each block's residual projections (attn.proj, mlp.fc2)
-    divided by sqrt(2 * layer) so that deeper residual streams start no larger."""
+    """Every Linear: a normal of std 0.02 truncated at +-2 standard deviations (+-0.04, so the
+    measured std is 0.0176), zero bias; LayerNorm 1/0; then each block's residual projections
+    (attn.proj, mlp.fc2) divided by sqrt(2 * layer), so that deeper residual streams start no
+    larger. This is the official ViT constructor's scheme with bounds that truncate. (The official
+    training then re-initialises every Linear with bounds of +-2 in absolute value, which truncate
+    nothing, and so discards the per-layer rescale: there, every Linear starts at std 0.02.)"""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
@@ -262,7 +268,8 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.in_chans * cfg.patch_size ** 2, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = DynTanh(cfg.dim) if cfg.final_norm == "dyntanh" else nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.norm = {"layernorm": lambda: nn.LayerNorm(cfg.dim, eps=1e-6), "dyntanh": lambda: DynTanh(cfg.dim),
+                     "none": nn.Identity}[cfg.final_norm]()
         init_weights(self, self.blocks)
 
     def forward(self, patches, pos, sample, cond=None, cond_sample=None, return_layers=False):
@@ -307,10 +314,14 @@ class VisionTransformer(nn.Module):
 def normalize_targets(feats: torch.Tensor, valid: torch.Tensor, mode: str) -> torch.Tensor:
     """Targets from teacher tokens (B, L, D); `valid` (B, L) marks the tokens that are predicted.
 
-    layernorm: parameter-free LayerNorm over channels (the original I-JEPA): every token gets
-               the same norm. dyntanh: the encoder's own final DynTanh already bounded the
-               features, nothing more. batchnorm: per-channel standardisation with statistics
-               over the valid target tokens only (padding never enters). none: as they are.
+    What reaches this function depends on the mode too (`JEPAConfig.encoder_config`):
+    layernorm: the encoder ends in an affine LayerNorm, then a parameter-free LayerNorm over
+               channels (the original I-JEPA): every token gets the same norm.
+    dyntanh:   the encoder ends in DynTanh, which bounds the features without equalising their
+               norms; nothing more here.
+    batchnorm: the encoder ends without a norm; per-channel standardisation with statistics over
+               the valid target tokens only (padding never enters).
+    none:      the encoder ends without a norm; its raw output is the target.
     """
     if mode == "layernorm":
         return F.layer_norm(feats, feats.shape[-1:])
@@ -718,8 +729,9 @@ def ema_momentum_at(step: int, total: int, start: float = 0.996, end: float = 1.
 
 def param_groups(model: IJEPA) -> list:
     """AdamW groups over the trainable parts (student and predictor): weight decay on matrices
-    only; none on 1-D tensors (biases, norms, DynTanh alpha) or the mask token. The fixed sin-cos
-    positions are not parameters at all. Groups carry `apply_wd` so the schedule can set them."""
+    only; none on 1-D tensors (biases, norms, DynTanh alpha) or the mask token (the official code
+    decays the mask token, a (1, 1, D) tensor, like a matrix). The fixed sin-cos positions are not
+    parameters at all. Groups carry `apply_wd` so the schedule can set them."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -41,6 +41,8 @@ class PackingConfig:
         m = self.multiple
         if self.rows < 1:
             raise ValueError(f"rows must be at least 1, got {self.rows}")
+        if self.max_images_per_row < 1:
+            raise ValueError(f"max_images_per_row must be at least 1, got {self.max_images_per_row}")
         if self.side_range[0] > self.side_range[1] or self.side_range[1] < m:
             raise ValueError(f"side_range {self.side_range} cannot hold one {m}-px window "
                              f"(patch {self.patch_size} x window {self.window}); raise its upper end to at least {m}")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain-text bar: it reads the same in a terminal, a notebook and a saved notebook
 
 import data
 import evaluate as E
@@ -71,8 +71,13 @@ class TrainConfig:
 
 DEMO_STEPS = 1200  # the demo recipe's length when no --steps, --epochs or --minutes is given (12.8 epochs)
 
-# Fields that may differ when resuming; every other field must match the checkpoint's.
 STEP_WINDOW = 200  # --minutes: the run is sized from the median duration of the last so many steps
+RANKME_IMAGES = 256  # fixed training images whose mean-pooled teacher features give the logged RankMe
+# AdamW's betas: (0.9, 0.95) here, where the official code keeps PyTorch's default (0.9, 0.999). A
+# shorter memory of the squared gradients suits the short, high-LR runs of a CPU (a common choice for ViTs).
+ADAM_BETAS = (0.9, 0.95)
+
+# Fields that may differ when resuming; every other field must match the checkpoint's.
 RESUMABLE = {"out", "resume", "checkpoint_every", "log_every", "stop_after", "compile", "device", "workers", "minutes"}
 
 
@@ -134,6 +139,11 @@ def training_step(model: M.IJEPA, optimizer: torch.optim.Optimizer, batch: M.Mas
     optimizer.step()
     model.update_teacher(momentum)
     return StepResult(out.loss.detach(), out, norms)
+
+
+def make_optimizer(model: M.IJEPA, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the student and predictor (weight decay on matrices only, `M.param_groups`)."""
+    return torch.optim.AdamW(M.param_groups(model), lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay[0])
 
 
 def set_schedules(optimizer, cfg: TrainConfig, step: int, total: int) -> dict:
@@ -272,10 +282,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
 
+    def from_rank0(value: int) -> int:
+        """Every rank follows rank 0 on the run's length: ranks that sized it themselves (their own
+        packed stream, their own clock) would follow different schedules, drift apart, and the
+        rank that runs longer would wait forever in an all-reduce."""
+        if not distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(t, src=0)
+        return int(t)
+
     torch.manual_seed(cfg.seed)
     model = M.IJEPA(cfg.jepa_config()).to(device)
-    optimizer = torch.optim.AdamW(M.param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay[0])
+    optimizer = make_optimizer(model, cfg)
     dataset = build_dataset(cfg)
+    rankme_images = torch.stack([dataset[i][0] for i in range(min(RANKME_IMAGES, len(dataset)))]).to(device)
     stream = build_stream(cfg, dataset, rank, world)
     step, epoch, in_epoch, total = 0, 0, 0, None
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt") if cfg.out else None
@@ -315,7 +336,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if total is None and cfg.epochs is not None:
         per_epoch = sum(1 for _ in build_stream(cfg, dataset, rank, world)) if cfg.packing else \
             math.ceil(len(dataset) / world / cfg.batch_size)
-        total = max(1, round(cfg.epochs * per_epoch))
+        total = from_rank0(max(1, round(cfg.epochs * per_epoch)))  # rank 0's stream decides
     # --minutes: the schedules need a length in steps that is not known in advance. Before every
     # step it is re-estimated as the steps done plus those that fit in the time left at the median
     # wall-clock step (data loading included) of the last STEP_WINDOW steps. The median ignores the
@@ -331,12 +352,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     log, losses, start, wall_times = [], [], time.perf_counter(), collections.deque(maxlen=STEP_WINDOW)
     stop_at = step + cfg.stop_after if cfg.stop_after else None
-    bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="pre-training", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="pre-training", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file or notebook gets a line every 30 s
     batches = batches_forever(stream, cfg, epoch, in_epoch)
     while True:
         if total is not None and step >= total or stop_at is not None and step >= stop_at:
             break
-        schedule_length = steps_that_fit() if timed else total
+        schedule_length = from_rank0(steps_that_fit()) if timed else total  # rank 0's clock decides
         if timed and schedule_length <= step:
             break
         t_wall = time.perf_counter()
@@ -367,14 +389,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             bar.total = max(step, steps_that_fit())
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / dt:.0f}")
-        if want_log:
+        if want_log and rank == 0:
             out = result.output
             row = {"step": step, "loss": loss, **sched, "grad_norms": result.grad_norms,
-                   "rankme": E.rankme(out.target[out.predict].detach().float()),
+                   "rankme": E.image_rankme(model.teacher, rankme_images),
+                   "target_token_rankme": E.rankme(out.target[out.predict].detach().float()),
                    "padding": 1 - P.occupancy(batch),
                    "images_per_s": images / dt, "images": images, "seconds": time.perf_counter() - start}
             log.append(row)
-            if log_path and rank == 0:
+            if log_path:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
         if ckpt_path and rank == 0 and step % cfg.checkpoint_every == 0:
@@ -436,9 +459,20 @@ def parse_args(argv=None) -> TrainConfig:
     return cfg
 
 
-if __name__ == "__main__":
-    result = train(parse_args())
+def main(argv=None) -> int:
+    """The command line: errors a user can cause (bad flags, a dataset that cannot be read, a
+    checkpoint that does not fit, a diverging loss) print one line, without a traceback."""
+    cfg = parse_args(argv)
+    try:
+        result = train(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
     if result.losses:
         print(f"trained to step {result.steps} of {result.total_steps} in {result.seconds / 60:.1f} min; "
               f"last loss {result.losses[-1]:.4f}")
-    sys.exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

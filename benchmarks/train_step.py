@@ -1,14 +1,21 @@
-"""Images/s of one full I-JEPA training step, at the configuration the official code was timed at.
+"""Images/s of one full I-JEPA training step, and how close it comes to the machine's limit.
 
 One step = student on the context, teacher on the whole image, feature norm, predictor, loss,
 backward, AdamW step, EMA update of the teacher. Batches (masks drawn, tokens laid out) are
 built before the clock starts; their cost is printed separately.
+
+Speeds move by 2.5x between machines and torch versions, so the script also measures, in the same
+run, what it can compare against on any machine: the model FLOPs of one step (counted by
+torch.utils.flop_counter: matrix products and attention, forward and backward, padding slots
+included since the step computes them), the FLOP/s the step achieves, and the FLOP/s of a large
+float32 matrix product on the same machine, its practical limit.
 
     python benchmarks/train_step.py                       # tiny, 96 px, patch 8, batch 16
     python benchmarks/train_step.py --model micro --size 64 --batch 64
 """
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -16,10 +23,32 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import models as M  # noqa: E402
 from train import training_step  # noqa: E402
+
+
+def step_flops(model, opt, batch) -> int:
+    """Model FLOPs of one training step, counted while running it (on a copy: the real model and
+    optimiser are not stepped)."""
+    model, opt_copy = copy.deepcopy(model), torch.optim.AdamW(M.param_groups(model), lr=1e-4)
+    with FlopCounterMode(display=False) as counter:
+        training_step(model, opt_copy, batch, momentum=0.996)
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n float32 matrix product (2 n^3 FLOPs), median of `repeats` after one warm-up."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
 
 
 def main():
@@ -33,6 +62,7 @@ def main():
     ap.add_argument("--predictor-depth", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--matmul-size", type=int, default=2048, help="side of the matrix product that measures the limit")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -56,6 +86,8 @@ def main():
             times.append(time.perf_counter() - t0)
 
     step_s = statistics.median(times)
+    flops = step_flops(model, opt, batches[0])
+    limit = matmul_flops_per_s(args.matmul_size)
     n_params = sum(p.numel() for p in model.student.parameters()) + sum(p.numel() for p in model.predictor.parameters())
     print(f"config: {args.model} ({cfg.encoder_config().dim} wide, {cfg.encoder_config().depth} blocks), "
           f"{args.size} px, patch {args.patch}, batch {args.batch}, {args.masking} masking, "
@@ -66,6 +98,9 @@ def main():
     print(f"step seconds: median {step_s:.3f} over {len(times)} steps (min {min(times):.3f}, max {max(times):.3f})")
     print(f"batch building (masks + layout), not timed above: {build_s * 1000:.0f} ms per batch")
     print(f"images/s: {args.batch / step_s:.2f}")
+    print(f"model FLOPs per step: {flops / 1e9:.2f} GFLOP (forward + backward, counted)")
+    print(f"achieved: {flops / step_s / 1e9:.1f} GFLOP/s; float32 {args.matmul_size}^2 matmul on this machine: "
+          f"{limit / 1e9:.1f} GFLOP/s; the step reaches {flops / step_s / limit:.0%} of it")
 
 
 if __name__ == "__main__":

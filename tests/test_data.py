@@ -30,15 +30,33 @@ def test_render_shapes_dtypes_ranges(height, width):
 
 
 def test_render_is_deterministic_and_independent_of_the_batch():
+    # What the renderer promises: the same call gives the same bits; a scene rendered in another
+    # batch agrees within float rounding (elementwise kernels take vector or scalar paths depending
+    # on a value's place in the tensor, so other batch shapes round differently on some CPUs), and
+    # its labels agree exactly; the main-object mask may flip only where two hits tie within rounding.
     a = data.render_scenes([3, 4, 5, 6], 48, 64, seed=1)
     b = data.render_scenes([3, 4, 5, 6], 48, 64, seed=1)
     alone = data.render_scenes([5], 48, 64, seed=1)
     for key in a:
-        assert torch.equal(a[key], b[key])
-        assert torch.equal(a[key][2:3], alone[key])
+        assert torch.equal(a[key], b[key])                                  # same shape: bit-exact
+    for key in set(a) - {"image", "depth", "mask"}:
+        assert torch.equal(a[key][2:3], alone[key])                         # labels: exact
+    torch.testing.assert_close(a["image"][2:3], alone["image"], atol=1e-3, rtol=0)   # a quarter of a uint8 level
+    torch.testing.assert_close(a["depth"][2:3], alone["depth"], atol=1e-3, rtol=1e-4)
+    assert (a["mask"][2:3] != alone["mask"]).float().mean() <= 1e-3
     assert not torch.equal(a["image"][0], a["image"][1])                   # different index, different image
     other_seed = data.render_scenes([3], 48, 64, seed=2)
     assert not torch.equal(a["image"][0], other_seed["image"][0])
+
+
+def test_stored_images_agree_whatever_the_chunk_size():
+    # SceneDataset renders in chunks and stores uint8: a pixel whose float value sits on a rounding
+    # boundary may land one level apart in chunks of another size, never more (README, dataset).
+    small, large = data.SceneDataset(40, resolution=32, seed=5, chunk=16), data.SceneDataset(40, resolution=32, seed=5, chunk=40)
+    (x, y), (u, v) = small.tensors("count"), large.tensors("count")
+    assert torch.equal(y, v)
+    levels = ((x - u).abs() * 255).round()
+    assert levels.max() <= 1 and (levels > 0).float().mean() < 1e-3
 
 
 def test_depth_is_positive_and_consistent_with_the_mask():
@@ -129,7 +147,7 @@ def test_scene_dataset_items_cache_and_tensors():
     assert item["image"].shape == (3, 32, 48) and item["depth"].shape == (32, 48) and item["mask"].dtype == torch.bool
     assert item["label"] == item["shape"] and isinstance(item["count"], int)
     direct = data.render_scenes([17], 32, 48, seed=3)
-    assert (item["image"] - direct["image"][0]).abs().max() <= 0.5 / 255 + 1e-6  # cached as uint8
+    assert (item["image"] - direct["image"][0]).abs().max() <= 0.5 / 255 + 1e-3  # cached as uint8; other batch: rounding
     assert torch.allclose(item["depth"], direct["depth"][0], rtol=2e-3)        # cached as float16
     assert len(ds._cache) == 1 and torch.equal(ds[-1]["image"], ds[39]["image"])
     images, labels = ds.tensors("count")

@@ -246,6 +246,37 @@ def test_layernorm_targets_have_equal_norms():
     torch.testing.assert_close(out.norm(dim=-1), torch.full((2, 5), 4.0), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("mode, norms_equal", [("layernorm", True), ("dyntanh", False), ("batchnorm", False), ("none", False)])
+def test_each_feature_norm_is_the_one_normalisation_of_the_targets(mode, norms_equal):
+    # "none" and "batchnorm" start from the last block's raw output (no LayerNorm hidden in the
+    # encoder); only "layernorm" gives every target token the same norm.
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig(feature_norm=mode))
+    expected = {"layernorm": torch.nn.LayerNorm, "dyntanh": M.DynTanh}.get(mode, torch.nn.Identity)
+    assert type(model.teacher.norm) is expected and type(model.student.norm) is expected
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out, layers = model.teacher.encode(images, return_layers=True)
+        batch = M.mask_images(images, 8, M.MultiBlockMasking(), gen())
+        targets = model(batch).target[batch.predict]
+    if mode in ("batchnorm", "none"):
+        assert torch.equal(out, layers[-1])  # the raw output of the last block
+    norms = targets.norm(dim=-1)
+    assert (float(norms.std() / norms.mean()) < 1e-4) == norms_equal
+
+
+def test_init_is_the_truncated_normal_the_docstring_states():
+    torch.manual_seed(0)
+    enc = M.VisionTransformer(M.ViTConfig(dim=384, depth=4, heads=6))
+    qkv = enc.blocks[0].attn.qkv.weight.detach()
+    # N(0, 0.02) cut at +-2 std: std 0.02 * 0.8796 = 0.0176, nothing beyond 0.04
+    assert float(qkv.std()) == pytest.approx(0.0176, rel=0.02) and float(qkv.abs().max()) <= 0.04
+    assert float(enc.blocks[0].attn.qkv.bias.detach().abs().max()) == 0.0
+    for layer, block in enumerate(enc.blocks, start=1):  # residual projections rescaled by 1/sqrt(2 layer)
+        ratio = float(block.mlp.fc2.weight.detach().std() / block.mlp.fc1.weight.detach().std())
+        assert ratio == pytest.approx(1 / math.sqrt(2 * layer), rel=0.05)
+
+
 def test_ema_update_arithmetic_and_dyntanh_alpha_follows():
     model = M.IJEPA(M.JEPAConfig(feature_norm="dyntanh"))
     with torch.no_grad():

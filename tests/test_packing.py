@@ -171,6 +171,8 @@ def test_bad_configs_say_what_to_change():
         P.PackingConfig(side_range=(8, 12), min_side=16)
     with pytest.raises(ValueError, match="rows must be at least 1"):
         P.PackingConfig(rows=0)
+    with pytest.raises(ValueError, match="max_images_per_row must be at least 1, got 0"):
+        P.PackingConfig(max_images_per_row=0)
 
 
 def test_drawings(tmp_path):

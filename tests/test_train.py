@@ -1,14 +1,22 @@
 """train.py: exact resume, checkpoints that refuse what they should, NaN stop, flags, DDP."""
 
+import json
 import os
 import re
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+import data
+import evaluate as E
 import models as M
 import train as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(num_images=48, resolution=32, batch_size=16, checkpoint_every=2, log_every=1, warmup=0.25)
 
@@ -33,13 +41,20 @@ def test_resume_gives_identical_weights(tmp_path, packing):
 
 
 def test_log_rows_hold_the_health_signals(tmp_path):
-    T.train(T.TrainConfig(steps=3, out=str(tmp_path), **TINY), progress=False)
-    import json
-    row = json.loads(open(tmp_path / "log.jsonl").readline())
-    for key in ("step", "loss", "lr", "weight_decay", "ema_momentum", "grad_norms", "rankme", "padding", "images_per_s"):
-        assert key in row
-    assert set(row["grad_norms"]) >= {"student.0", "student.3", "predictor.0"}
-    assert 1.0 <= row["rankme"] <= 128 and 0.0 <= row["padding"] < 1.0
+    result = T.train(T.TrainConfig(steps=3, out=str(tmp_path), **TINY), progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    for key in ("step", "loss", "lr", "weight_decay", "ema_momentum", "grad_norms", "rankme", "target_token_rankme",
+                "padding", "images_per_s"):
+        assert key in rows[0]
+    assert set(rows[0]["grad_norms"]) >= {"student.0", "student.3", "predictor.0"}
+    assert 0.0 <= rows[0]["padding"] < 1.0 and 1.0 <= rows[0]["target_token_rankme"] <= 128
+    # RankMe as defined: image-level, the mean-pooled teacher features of the fixed training images
+    # (all 48 here), computed directly from the final teacher for the last row
+    images = data.normalize(data.SceneDataset(48, resolution=32, split="train", seed=0).tensors()[0])
+    with torch.no_grad():
+        direct = E.rankme(result.model.teacher.eval().encode(images).mean(1))
+    assert rows[-1]["step"] == 3 and rows[-1]["rankme"] == pytest.approx(direct, rel=1e-4)
+    assert 1.0 <= direct <= 48
 
 
 def test_resume_refuses_another_config_and_a_truncated_file(tmp_path):
@@ -106,23 +121,85 @@ def test_predictor_flags_size_the_predictor():
     assert len(model.predictor.blocks) == 3 and model.predictor.embed.out_features == 64
 
 
-def _ddp_worker(rank, port, out):
+def _ddp_worker(rank, port, out, run, clock_speed):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
-    result = T.train(T.TrainConfig(steps=3, device="cpu", **TINY), progress=False)
-    torch.save(weights(result.model), os.path.join(out, f"rank{rank}.pt"))
+    if rank == 1 and clock_speed != 1.0:  # this rank's clock runs faster than rank 0's
+        real = time.perf_counter
+        T.time.perf_counter = lambda: clock_speed * real()
+    result = T.train(T.TrainConfig(device="cpu", **{**TINY, **run}), progress=False)
+    torch.save({"weights": weights(result.model), "steps": result.steps, "total": result.total_steps},
+               os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+def run_two_ranks(tmp_path, run, clock_speed=1.0, timeout=300):
+    """Train on two gloo ranks; fail (not hang) if one rank ends up waiting for the other."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(port, str(tmp_path), run, clock_speed), nprocs=2,
+                                                join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the two ranks did not finish in {timeout} s: one waits for the other")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def assert_ranks_agree(a, b):
+    assert (a["steps"], a["total"]) == (b["steps"], b["total"])
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
     fresh = T.M.IJEPA(T.TrainConfig(**TINY).jepa_config())
-    assert not torch.equal(a["student.blocks.0.attn.qkv.weight"], fresh.student.blocks[0].attn.qkv.weight)
+    assert not torch.equal(a["weights"]["student.blocks.0.attn.qkv.weight"], fresh.student.blocks[0].attn.qkv.weight)
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    assert_ranks_agree(*run_two_ranks(tmp_path, {"steps": 3}))
+
+
+DDP_PACKED = {"epochs": 1.0, "packing": True, "num_images": 64, "resolution": 64, "seed": 1}
+
+
+def test_two_process_ddp_packed_epochs_follow_rank_0():
+    # Each rank packs its own shard; here the two shards pack into different numbers of batches,
+    # so ranks that counted their own epoch would disagree on the run's length.
+    cfg = T.TrainConfig(**{**TINY, **DDP_PACKED})
+    dataset = T.build_dataset(cfg)
+    per_rank = [sum(1 for _ in T.build_stream(cfg, dataset, rank, 2)) for rank in (0, 1)]
+    assert per_rank[0] != per_rank[1], per_rank
+
+
+def test_two_process_ddp_packed_epochs_train_identically(tmp_path):
+    cfg = T.TrainConfig(**{**TINY, **DDP_PACKED})
+    rank0_batches = sum(1 for _ in T.build_stream(cfg, T.build_dataset(cfg), 0, 2))
+    a, b = run_two_ranks(tmp_path, DDP_PACKED)
+    assert a["total"] == rank0_batches  # 1 epoch of rank 0's stream
+    assert_ranks_agree(a, b)
+
+
+def test_two_process_ddp_minutes_follow_rank_0_clock(tmp_path):
+    # Rank 1's clock runs 3x fast: alone, it would size a run a third as long as rank 0's.
+    a, b = run_two_ranks(tmp_path, {"minutes": 0.15}, clock_speed=3.0)
+    assert a["steps"] >= 4
+    assert_ranks_agree(a, b)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda folder: None, "no images"),
+    (lambda folder: [(folder / "cat").mkdir(), (folder / "cat" / "a.png").write_bytes(b"not a png")], "no readable images"),
+])
+def test_unreadable_dataset_folder_is_one_line_without_traceback(tmp_path, make, message):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    make(folder)
+    run = subprocess.run([sys.executable, "train.py", "--dataset", str(folder), "--steps", "1", "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr and message in run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("train.py: error:"), run.stderr
 
 
 def test_minutes_sizes_the_schedules_from_timed_steps(monkeypatch):

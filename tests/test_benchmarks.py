@@ -1,0 +1,64 @@
+"""The benchmark scripts: learning.py types recipe changes like the defaults and prints its JSON line;
+train_step.py counts the FLOPs of a step and measures the machine's matmul limit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import models as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import learning  # noqa: E402
+import train_step  # noqa: E402
+
+
+def test_recipe_changes_are_typed_like_the_defaults():
+    changes = learning.recipe_changes(["batch_size=64", "lr=2e-3", "ema=0.998,1.0", "steps=1200", "packing=true"])
+    assert changes == {"batch_size": 64, "lr": 2e-3, "ema": (0.998, 1.0), "steps": 1200, "packing": True}
+    assert isinstance(changes["steps"], int) and isinstance(changes["lr"], float)
+    with pytest.raises(SystemExit, match="FIELD one of"):
+        learning.recipe_changes(["learning_rate=1e-3"])
+
+
+def test_a_fixed_length_run_prints_the_json_table():
+    tiny = ["num_images=64", "resolution=32", "batch_size=16", "steps=2", "log_every=1"]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learning.py"), "--set", *tiny,
+                          "--probe-train", "160", "--probe-test", "80", "--labels", "shape", "--no-pixels", "--json"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["steps"] == result["total_steps"] == 2  # steps=2 replaced the default --minutes
+    assert 0 < result["train_minutes"] <= result["minutes"]
+    shape = result["shape"]
+    for key in ("teacher", "student", "random_init"):
+        assert 0.0 <= shape[key] <= 1.0
+    assert shape["pixels"] is None and shape["stderr"] > 0
+
+
+def test_train_step_counts_flops_and_measures_the_matmul_limit():
+    # the counter on a computation whose FLOPs are known: (8 x 16) @ (16 x 4) forward = 2 * 8 * 16 * 4
+    with FlopCounterMode(display=False) as counter:
+        torch.randn(8, 16) @ torch.randn(16, 4)
+    assert counter.get_total_flops() == 2 * 8 * 16 * 4
+    # a training step: the predictor's last projection alone costs 2 * tokens * Dp * D forward
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig())
+    opt = torch.optim.AdamW(M.param_groups(model), lr=1e-4)
+    batch = M.mask_images(torch.rand(4, 3, 32, 32), 8, M.MultiBlockMasking(), torch.Generator().manual_seed(0))
+    before = [p.clone() for p in model.parameters()]
+    flops = train_step.step_flops(model, opt, batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # counted on a copy
+    tokens = batch.target_patches.shape[0] * batch.target_patches.shape[1]
+    assert flops > 3 * 2 * tokens * 64 * 128
+    assert train_step.matmul_flops_per_s(256, repeats=2) > 1e8
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--model", "micro",
+                          "--size", "32", "--batch", "4", "--predictor-dim", "64", "--predictor-depth", "2",
+                          "--warmup", "0", "--steps", "2", "--matmul-size", "256"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "model FLOPs per step:" in out and "GFLOP/s; the step reaches" in out
