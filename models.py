@@ -1,18 +1,19 @@
 """I-JEPA from scratch: the vision transformer, masking, predictor and training objective.
 
-Read top to bottom:
-  1. configuration            5. feature normalisation of the teacher's output
-  2. patches and positions    6. the predictor
-  3. attention by sample id   7. masking (multi-block, window)
-  4. the ViT encoder          8. the masked batch (one image per row, or packed)
-  9. I-JEPA: student, EMA teacher, predictor, loss
- 10. schedules and optimiser parameter groups
- 11. loading a released official checkpoint
+Read top to bottom, in the order the method uses each piece:
+  1. configuration, with named presets      6. the predictor
+  2. patches and positions                  7. masking: which patches are context, which targets
+  3. attention by image id                  8. the batch: a context stream and a hidden stream
+  4. the encoder (a ViT)                    9. I-JEPA: student, EMA teacher, predictor, loss
+  5. feature normalisation (the teacher's output -> the regression targets)
 
 One convention runs through the whole file: every token carries the id of the image it belongs
 to (`sample`, -1 for padding) and its patch coordinates (`pos` = (row, col)). Attention is only
 allowed between tokens with the same sample id, so an ordinary batch (one image per row) and a
 packed batch (several images per row, see packing.py) go through the same forward.
+
+Beside this file: ec_ijepa.py extends the model with encoder conditioning, official_checkpoint.py
+loads released weights, and train.py owns the optimiser and the schedules.
 """
 
 import math
@@ -25,12 +26,23 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------------------------
 # 1. Configuration
 
-# name -> (width, depth, heads, predictor width, predictor depth)
+
+@dataclass(frozen=True)
+class Preset:
+    """The sizes of a named model: the encoder's width, depth and heads, then the predictor's."""
+
+    dim: int
+    depth: int
+    heads: int
+    predictor_dim: int
+    predictor_depth: int
+
+
 PRESETS = {
-    "micro": (128, 4, 4, 64, 3),  # CPU-sized: quick modes and tests
-    "tiny": (192, 12, 3, 384, 6),
-    "small": (384, 12, 6, 384, 6),
-    "base": (768, 12, 12, 384, 6),
+    "micro": Preset(dim=128, depth=4, heads=4, predictor_dim=64, predictor_depth=3),  # CPU-sized
+    "tiny": Preset(dim=192, depth=12, heads=3, predictor_dim=384, predictor_depth=6),
+    "small": Preset(dim=384, depth=12, heads=6, predictor_dim=384, predictor_depth=6),
+    "base": Preset(dim=768, depth=12, heads=12, predictor_dim=384, predictor_depth=6),
 }
 FEATURE_NORMS = ("layernorm", "dyntanh", "batchnorm", "none")
 LOSSES = ("smooth_l1", "mse")
@@ -44,25 +56,24 @@ class ViTConfig:
     patch_size: int = 16
     in_chans: int = 3
     mlp_ratio: float = 4.0
-    final_norm: str = "layernorm"  # "layernorm" (affine, as released), "dyntanh", or "none" (raw block output)
+    feature_norm: str = "layernorm"  # decides the encoder's last layer (section 5)
 
     def __post_init__(self):
         if self.dim % self.heads or self.dim % 4:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads} and by 4")
-        if self.final_norm not in ("layernorm", "dyntanh", "none"):
-            raise ValueError(f"final_norm must be 'layernorm', 'dyntanh' or 'none', got {self.final_norm!r}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"unknown feature norm {self.feature_norm!r}; choose one of {FEATURE_NORMS}")
 
 
 @dataclass(frozen=True)
 class JEPAConfig:
-    model: str = "micro"
+    model: str = "micro"  # a key of PRESETS
     patch_size: int = 8
     in_chans: int = 3
     predictor_dim: int | None = None  # None: the preset's
     predictor_depth: int | None = None
-    feature_norm: str = "layernorm"
-    loss: str = "smooth_l1"
-    condition_encoders: bool = False  # EC-IJEPA: append pooled position tokens to the encoders
+    feature_norm: str = "layernorm"  # one of FEATURE_NORMS
+    loss: str = "smooth_l1"  # one of LOSSES
 
     def __post_init__(self):
         if self.model not in PRESETS:
@@ -71,7 +82,7 @@ class JEPAConfig:
             raise ValueError(f"unknown feature norm {self.feature_norm!r}; choose one of {FEATURE_NORMS}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
-        heads = PRESETS[self.model][2]  # the predictor shares the encoder's head count
+        heads = PRESETS[self.model].heads  # the predictor shares the encoder's head count
         step = math.lcm(heads, 4)  # whole heads, and sin-cos positions in four equal parts
         if self.predictor_dim is not None and (self.predictor_dim < 1 or self.predictor_dim % step):
             raise ValueError(f"predictor_dim={self.predictor_dim}: must be a positive multiple of {step} "
@@ -80,17 +91,13 @@ class JEPAConfig:
             raise ValueError(f"predictor_depth={self.predictor_depth}: must be at least 1")
 
     def encoder_config(self) -> ViTConfig:
-        dim, depth, heads, _, _ = PRESETS[self.model]
-        # The encoder's last layer is part of the feature norm: the released encoders end in an
-        # affine LayerNorm (then the targets get a parameter-free one on top); DynTanh replaces it;
-        # "batchnorm" and "none" start from the raw output of the last block.
-        final = {"layernorm": "layernorm", "dyntanh": "dyntanh"}.get(self.feature_norm, "none")
-        return ViTConfig(dim, depth, heads, self.patch_size, self.in_chans, final_norm=final)
+        p = PRESETS[self.model]
+        return ViTConfig(p.dim, p.depth, p.heads, self.patch_size, self.in_chans, feature_norm=self.feature_norm)
 
     def predictor_config(self) -> ViTConfig:
-        _, _, heads, pdim, pdepth = PRESETS[self.model]
-        return ViTConfig(pdim if self.predictor_dim is None else self.predictor_dim,
-                         pdepth if self.predictor_depth is None else self.predictor_depth, heads,
+        p = PRESETS[self.model]
+        return ViTConfig(p.predictor_dim if self.predictor_dim is None else self.predictor_dim,
+                         p.predictor_depth if self.predictor_depth is None else self.predictor_depth, p.heads,
                          self.patch_size, self.in_chans)
 
 
@@ -158,7 +165,7 @@ def sincos_2d(pos: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. Attention, restricted to tokens of the same image
+# 3. Attention by image id, and the transformer block
 
 
 def attention_mask(sample: torch.Tensor) -> torch.Tensor:
@@ -220,9 +227,7 @@ def init_weights(module: nn.Module, blocks: nn.ModuleList) -> None:
     """Every Linear: a normal of std 0.02 truncated at +-2 standard deviations (+-0.04, so the
     measured std is 0.0176), zero bias; LayerNorm 1/0; then each block's residual projections
     (attn.proj, mlp.fc2) divided by sqrt(2 * layer), so that deeper residual streams start no
-    larger. This is the official ViT constructor's scheme with bounds that truncate. (The official
-    training then re-initialises every Linear with bounds of +-2 in absolute value, which truncate
-    nothing, and so discards the per-layer rescale: there, every Linear starts at std 0.02.)"""
+    larger. (The official training initialises differently: README, "What differs".)"""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
@@ -240,9 +245,75 @@ def init_weights(module: nn.Module, blocks: nn.ModuleList) -> None:
 # 4. The encoder
 
 
+class VisionTransformer(nn.Module):
+    """ViT without cls token or head: patch tokens in, patch tokens out.
+
+    `forward` takes flat token sets so that padded and packed batches are the same case:
+        patches (B, L, C*p*p), pos (B, L, 2) integer (row, col), sample (B, L) image id, -1 = pad.
+    Returns the final tokens (B, L, D), after the encoder's last layer (`feature_norm_layer`), and
+    with `return_layers=True` also a list with every block's output tokens (B, L, D), before that
+    layer, for probing.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(cfg.in_chans * cfg.patch_size ** 2, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = feature_norm_layer(cfg.feature_norm, cfg.dim)
+        init_weights(self, self.blocks)
+
+    def embed(self, patches, pos):  # (B, L, C*p*p), (B, L, 2) -> (B, L, D)
+        return self.patch_embed(patches) + sincos_2d(pos, self.cfg.dim)
+
+    def transform(self, x, sample, return_layers=False):
+        """The blocks and the last layer over embedded tokens x (B, L, D) with sample ids (B, L)."""
+        mask = attention_mask(sample)
+        layers = []
+        for block in self.blocks:
+            x = block(x, mask)
+            layers.append(x)
+        out = self.norm(x)
+        return (out, layers) if return_layers else out
+
+    def forward(self, patches, pos, sample, return_layers=False):
+        return self.transform(self.embed(patches, pos), sample, return_layers)
+
+    def image_tokens(self, images):
+        """Plain images (B, C, H, W) -> patches (B, N, C*p*p), pos (B, N, 2), sample (B, N), raster order."""
+        check_images(images, self.cfg.patch_size, self.cfg.in_chans)
+        B, _, H, W = images.shape
+        h, w = H // self.cfg.patch_size, W // self.cfg.patch_size
+        pos = grid_coords(h, w, images.device).expand(B, -1, -1)  # (B, N, 2)
+        sample = torch.arange(B, device=images.device)[:, None].expand(-1, h * w)  # (B, N)
+        return patchify(images, self.cfg.patch_size), pos, sample
+
+    def encode(self, images, return_layers=False):
+        """Plain images (B, C, H, W) -> tokens (B, N, D) in raster order (and per-block tokens).
+        Evaluation calls this, so a subclass that encodes differently (ec_ijepa.py) is probed as
+        it encodes."""
+        return self(*self.image_tokens(images), return_layers=return_layers)
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Feature normalisation: from the teacher's last block to the regression targets
+#
+# One setting, `feature_norm`, decides everything between the teacher's last block and the
+# targets. It acts in two places: the encoder's last layer (`feature_norm_layer`, part of both
+# encoders) and a step applied to the teacher's output only (`apply_feature_norm`).
+#   layernorm  the encoder ends in an affine LayerNorm (as released), then a parameter-free
+#              LayerNorm over channels (the original I-JEPA): every target token has the same norm.
+#   dyntanh    the encoder ends in DynTanh, which bounds the features without equalising their
+#              norms; nothing more.
+#   batchnorm  the encoder ends without a norm; each channel is standardised with statistics over
+#              the valid target tokens only (padding never enters).
+#   none       the encoder ends without a norm; its raw output is the target.
+
+
 class DynTanh(nn.Module):
-    """y = tanh(alpha * x), alpha a learnable per-channel vector (no affine). Unlike LayerNorm it
-    bounds the features without giving every token the same norm."""
+    """y = tanh(alpha * x), alpha a learnable per-channel vector (initial 0.5, no affine). Unlike
+    LayerNorm it bounds the features without giving every token the same norm; the teacher's
+    alpha is the EMA of the student's, like every other parameter."""
 
     def __init__(self, dim: int, init_alpha: float = 0.5):
         super().__init__()
@@ -252,86 +323,27 @@ class DynTanh(nn.Module):
         return torch.tanh(self.alpha * x)
 
 
-class VisionTransformer(nn.Module):
-    """ViT without cls token or head: patch tokens in, patch tokens out.
-
-    `forward` takes flat token sets so that padded and packed batches are the same case:
-        patches (B, L, C*p*p), pos (B, L, 2) integer (row, col), sample (B, L) image id, -1 = pad.
-    Optional conditioning tokens (EC-IJEPA) are position-only tokens appended to the sequence:
-        cond (B, S, D), cond_sample (B, S); they take part in attention and are dropped at the output.
-    Returns the final tokens (B, L, D) after the final norm, and with `return_layers=True` also
-    a list with every block's output tokens (B, L, D), before the final norm, for probing.
-    """
-
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.patch_embed = nn.Linear(cfg.in_chans * cfg.patch_size ** 2, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = {"layernorm": lambda: nn.LayerNorm(cfg.dim, eps=1e-6), "dyntanh": lambda: DynTanh(cfg.dim),
-                     "none": nn.Identity}[cfg.final_norm]()
-        init_weights(self, self.blocks)
-
-    def forward(self, patches, pos, sample, cond=None, cond_sample=None, return_layers=False):
-        L = patches.shape[1]
-        x = self.patch_embed(patches) + sincos_2d(pos, self.cfg.dim)  # (B, L, D)
-        if cond is not None:
-            x = torch.cat([x, cond], dim=1)  # (B, L + S, D)
-            sample = torch.cat([sample, cond_sample], dim=1)
-        mask = attention_mask(sample)
-        layers = []
-        for block in self.blocks:
-            x = block(x, mask)
-            layers.append(x[:, :L])
-        out = self.norm(x[:, :L])
-        return (out, layers) if return_layers else out
-
-    def encode(self, images, return_layers=False, condition=False):
-        """Plain images (B, C, H, W) -> tokens (B, N, D) in raster order (and per-block tokens).
-
-        With `condition=True` (for encoders pre-trained with encoder conditioning) every image is
-        given its position embeddings average-pooled over 4x4 patch windows as extra tokens.
-        """
-        check_images(images, self.cfg.patch_size, self.cfg.in_chans)
-        B, _, H, W = images.shape
-        h, w = H // self.cfg.patch_size, W // self.cfg.patch_size
-        pos = grid_coords(h, w, images.device).expand(B, -1, -1)  # (B, N, 2)
-        sample = torch.arange(B, device=images.device)[:, None].expand(-1, h * w)  # (B, N)
-        cond = cond_sample = None
-        if condition:
-            table = sincos_2d(pos[0], self.cfg.dim).T.reshape(1, self.cfg.dim, h, w)
-            pooled = F.avg_pool2d(table, kernel_size=4, stride=4, ceil_mode=True)  # (1, D, h/4, w/4)
-            cond = pooled.flatten(2).transpose(1, 2).expand(B, -1, -1)  # (B, S, D)
-            cond_sample = sample[:, :1].expand(-1, cond.shape[1])
-        return self(patchify(images, self.cfg.patch_size), pos, sample, cond, cond_sample,
-                     return_layers=return_layers)
+def feature_norm_layer(feature_norm: str, dim: int) -> nn.Module:
+    """The encoder's last layer for this feature norm."""
+    if feature_norm == "layernorm":
+        return nn.LayerNorm(dim, eps=1e-6)
+    if feature_norm == "dyntanh":
+        return DynTanh(dim)
+    return nn.Identity()  # batchnorm and none start from the last block's raw output
 
 
-# -----------------------------------------------------------------------------------------------
-# 5. Feature normalisation of the teacher's output (the regression targets)
-
-
-def normalize_targets(feats: torch.Tensor, valid: torch.Tensor, mode: str) -> torch.Tensor:
-    """Targets from teacher tokens (B, L, D); `valid` (B, L) marks the tokens that are predicted.
-
-    What reaches this function depends on the mode too (`JEPAConfig.encoder_config`):
-    layernorm: the encoder ends in an affine LayerNorm, then a parameter-free LayerNorm over
-               channels (the original I-JEPA): every token gets the same norm.
-    dyntanh:   the encoder ends in DynTanh, which bounds the features without equalising their
-               norms; nothing more here.
-    batchnorm: the encoder ends without a norm; per-channel standardisation with statistics over
-               the valid target tokens only (padding never enters).
-    none:      the encoder ends without a norm; its raw output is the target.
-    """
-    if mode == "layernorm":
-        return F.layer_norm(feats, feats.shape[-1:])
-    if mode == "batchnorm":  # masked statistics: no data-dependent shapes, so it compiles
-        w = valid[..., None].to(feats.dtype)  # (B, L, 1)
+def apply_feature_norm(features: torch.Tensor, valid: torch.Tensor, feature_norm: str) -> torch.Tensor:
+    """The teacher's output tokens (B, L, D) -> regression targets (B, L, D); `valid` (B, L) marks
+    the tokens that are predicted (batchnorm's statistics come from those alone)."""
+    if feature_norm == "layernorm":
+        return F.layer_norm(features, features.shape[-1:])
+    if feature_norm == "batchnorm":  # masked statistics: no data-dependent shapes, so it compiles
+        w = valid[..., None].to(features.dtype)  # (B, L, 1)
         n = w.sum().clamp(min=1)
-        mean = (feats * w).sum((0, 1)) / n  # (D,)
-        var = ((feats - mean) ** 2 * w).sum((0, 1)) / n
-        return (feats - mean) / torch.sqrt(var + 1e-6)
-    return feats  # "dyntanh" and "none"
+        mean = (features * w).sum((0, 1)) / n  # (D,)
+        var = ((features - mean) ** 2 * w).sum((0, 1)) / n
+        return (features - mean) / torch.sqrt(var + 1e-6)
+    return features  # "dyntanh" (already bounded by the encoder's last layer) and "none"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -339,13 +351,13 @@ def normalize_targets(feats: torch.Tensor, valid: torch.Tensor, mode: str) -> to
 
 
 class Predictor(nn.Module):
-    """Narrow ViT that predicts the teacher's features at target positions from the context.
+    """Narrow ViT that predicts the teacher's features at the target positions from the context.
 
-    context (B, Lc, D) with context_pos/context_sample; target_pos (B, Lt, 2), target_sample
-    (B, Lt) (-1 where nothing is to be predicted). Each target slot starts as the shared learned
-    mask token plus the sin-cos embedding of its position; all targets of an image are predicted
-    in one pass, attending to that image's context and its other mask tokens.
-    Returns predictions (B, Lt, D), at the target slots only.
+    context (B, Lc, D) with context_pos/context_sample; query_pos (B, Lq, 2), query_sample (B, Lq)
+    (-1 where nothing is to be predicted). Each query slot starts as the shared learned mask token
+    plus the sin-cos embedding of its position; all queries of an image are predicted in one pass,
+    attending to that image's context and its other mask tokens.
+    Returns predictions (B, Lq, D), at the query slots only.
     """
 
     def __init__(self, cfg: ViTConfig, encoder_dim: int):
@@ -359,15 +371,15 @@ class Predictor(nn.Module):
         init_weights(self, self.blocks)
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
 
-    def forward(self, context, context_pos, context_sample, target_pos, target_sample):
+    def forward(self, context, context_pos, context_sample, query_pos, query_sample):
         Lc = context.shape[1]
         ctx = self.embed(context) + sincos_2d(context_pos, self.cfg.dim)  # (B, Lc, Dp)
-        tgt = self.mask_token + sincos_2d(target_pos, self.cfg.dim)  # (B, Lt, Dp)
-        x = torch.cat([ctx, tgt], dim=1)  # (B, Lc + Lt, Dp)
-        mask = attention_mask(torch.cat([context_sample, target_sample], dim=1))
+        queries = self.mask_token + sincos_2d(query_pos, self.cfg.dim)  # (B, Lq, Dp)
+        x = torch.cat([ctx, queries], dim=1)  # (B, Lc + Lq, Dp)
+        mask = attention_mask(torch.cat([context_sample, query_sample], dim=1))
         for block in self.blocks:
             x = block(x, mask)
-        return self.proj(self.norm(x[:, Lc:]))  # (B, Lt, D)
+        return self.proj(self.norm(x[:, Lc:]))  # (B, Lq, D)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -394,18 +406,16 @@ def _randint(hi_inclusive: int, g: torch.Generator) -> int:
 
 @dataclass
 class MultiBlockMasking:
-    """I-JEPA multi-block masking: 4 target blocks and 1 large context block minus the targets.
+    """I-JEPA multi-block masking: `num_targets` target blocks and one large context block from
+    which every target patch is removed.
 
-    The context block has the grid's own aspect ratio (on the official square grids: aspect 1),
-    so that it covers 85-100% of any grid; a square block on a 4x8 grid could cover only 62%.
-
-    Unlike the official sampler: a block's corner is drawn over every valid position, so every
-    patch can be a target and context (the official one never covers the last row and column);
-    scale and aspect ratio are drawn independently; masks are per image, never truncated to the
-    batch's shortest; and sampling always terminates: after `attempts` draws whose context keeps
-    fewer than `min_context` patches, the draw with the largest context is taken and its target
-    blocks are dropped, last first, until the context is large enough (one target block of at
-    most 20% inside a context of at least 85% always leaves enough).
+    Each block draws its scale and aspect ratio independently and its corner over every position
+    where it fits, so every patch can be a target and context. The context block has the grid's own
+    aspect ratio, so that it covers 85-100% of any grid (a square block on a 4x8 grid could cover
+    only 62%). Every image keeps its own mask. Sampling always terminates: after `attempts` draws
+    whose context keeps fewer than `min_context` patches, the draw with the largest context is
+    taken and its target blocks are dropped, last first, until the context is large enough (one
+    target block of at most 20% inside a context of at least 85% always leaves enough).
     """
 
     num_targets: int = 4
@@ -484,14 +494,13 @@ def make_masking(name: str, **kwargs):
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. The masked batch
+# 8. The batch: a context stream and a hidden stream
 #
 # Each image is cut into two token streams: the *context* stream (the patches the student sees)
-# and the *target* stream (every other patch; `predict` marks the targets). Together the two
-# streams hold the whole image once, which is what the teacher sees. A batch has `rows`; a row
-# holds one image (ordinary batch) or several (packed): sample ids keep them apart.
-
-COND_TOKENS = 8  # pooled position tokens per image and stream, for encoder conditioning
+# and the *hidden* stream (every other patch; `is_target` marks the masking's targets among them,
+# the rest are neither seen by the student nor predicted). Together the two streams hold the whole
+# image once, which is what the teacher sees. A batch has rows; a row holds one image (ordinary
+# batch) or several (packed): sample ids keep them apart.
 
 
 @dataclass
@@ -500,9 +509,9 @@ class SplitImage:
 
     context_patches: torch.Tensor  # (Nc, C*p*p)
     context_pos: torch.Tensor  # (Nc, 2)
-    target_patches: torch.Tensor  # (Nt, C*p*p) every patch that is not context
-    target_pos: torch.Tensor  # (Nt, 2)
-    predict: torch.Tensor  # (Nt,) bool: a target of the masking
+    hidden_patches: torch.Tensor  # (Nh, C*p*p) every patch that is not context
+    hidden_pos: torch.Tensor  # (Nh, 2)
+    is_target: torch.Tensor  # (Nh,) bool: a target of the masking
     grid: tuple  # (h, w) patches
     label: int = -1
 
@@ -513,84 +522,78 @@ def split_image(image: torch.Tensor, patch_size: int, masking, g: torch.Generato
     h, w = image.shape[1] // patch_size, image.shape[2] // patch_size
     mask = masking(h, w, g)
     patches, pos = patchify(image[None], patch_size)[0], grid_coords(h, w)  # (N, P), (N, 2)
-    is_ctx = torch.zeros(h * w, dtype=torch.bool)
-    is_ctx[mask.context] = True
-    rest = (~is_ctx).nonzero().squeeze(1)
-    predict = torch.zeros(h * w, dtype=torch.bool)
-    predict[mask.target] = True
-    return SplitImage(patches[mask.context], pos[mask.context], patches[rest], pos[rest],
-                      predict[rest], (h, w), int(label))
-
-
-def _pool_slots(n: int, first_slot: int) -> torch.Tensor:
-    """Slot ids for 1-D average pooling of n tokens into at most COND_TOKENS equal runs."""
-    k = max(1, math.ceil(n / COND_TOKENS))  # kernel = stride
-    return first_slot + torch.arange(n) // k
+    is_context = torch.zeros(h * w, dtype=torch.bool)
+    is_context[mask.context] = True
+    hidden = (~is_context).nonzero().squeeze(1)
+    is_target = torch.zeros(h * w, dtype=torch.bool)
+    is_target[mask.target] = True
+    return SplitImage(patches[mask.context], pos[mask.context], patches[hidden], pos[hidden],
+                      is_target[hidden], (h, w), int(label))
 
 
 @dataclass
 class MaskedBatch:
-    """The model's input: rows of context and target streams, padded to fixed lengths.
+    """The model's input: rows of context and hidden streams, padded to fixed lengths.
 
     Sample ids number the images of the batch 0..n_images-1 (-1 = padding); `pos` is each token's
-    (row, col) in its own image. `*_pool` give the encoder-conditioning slot of each token
-    (-1 = none); `n_pool_slots` is the slot count per row.
+    (row, col) in its own image. A row holds at most `images_per_row` images.
     """
 
     context_patches: torch.Tensor  # (B, Lc, C*p*p)
     context_pos: torch.Tensor  # (B, Lc, 2)
     context_sample: torch.Tensor  # (B, Lc)
-    target_patches: torch.Tensor  # (B, Lt, C*p*p)
-    target_pos: torch.Tensor  # (B, Lt, 2)
-    target_sample: torch.Tensor  # (B, Lt)
-    predict: torch.Tensor  # (B, Lt) bool, False on padding
-    context_pool: torch.Tensor  # (B, Lc) conditioning slot of each context token
-    target_pool: torch.Tensor  # (B, Lt) conditioning slot of each predicted target token
-    n_pool_slots: int
+    hidden_patches: torch.Tensor  # (B, Lh, C*p*p)
+    hidden_pos: torch.Tensor  # (B, Lh, 2)
+    hidden_sample: torch.Tensor  # (B, Lh)
+    is_target: torch.Tensor  # (B, Lh) bool, False on padding
+    images_per_row: int
     grids: torch.Tensor  # (n_images, 2) patch grid of each image
     labels: torch.Tensor  # (n_images,) -1 where unknown
 
     @classmethod
-    def from_rows(cls, rows: list, context_len: int, target_len: int, pool_images_per_row=None):
+    def from_rows(cls, rows: list, context_len: int, hidden_len: int, images_per_row=None):
         """Lay out rows of SplitImages (a list per row) into fixed (rows, context_len) and
-        (rows, target_len) streams; padding carries sample id -1 and zero pixels."""
+        (rows, hidden_len) streams; padding carries sample id -1 and zero pixels."""
         first = next(s for row in rows for s in row)
         B, P = len(rows), first.context_patches.shape[1]
-        per_row = pool_images_per_row or max(len(row) for row in rows)
         batch = cls(
             context_patches=torch.zeros(B, context_len, P), context_pos=torch.zeros(B, context_len, 2, dtype=torch.long),
-            context_sample=torch.full((B, context_len), -1), target_patches=torch.zeros(B, target_len, P),
-            target_pos=torch.zeros(B, target_len, 2, dtype=torch.long), target_sample=torch.full((B, target_len), -1),
-            predict=torch.zeros(B, target_len, dtype=torch.bool), context_pool=torch.full((B, context_len), -1),
-            target_pool=torch.full((B, target_len), -1), n_pool_slots=COND_TOKENS * per_row,
+            context_sample=torch.full((B, context_len), -1), hidden_patches=torch.zeros(B, hidden_len, P),
+            hidden_pos=torch.zeros(B, hidden_len, 2, dtype=torch.long), hidden_sample=torch.full((B, hidden_len), -1),
+            is_target=torch.zeros(B, hidden_len, dtype=torch.bool),
+            images_per_row=images_per_row or max(len(row) for row in rows),
             grids=torch.tensor([s.grid for row in rows for s in row]).reshape(-1, 2),
             labels=torch.tensor([s.label for row in rows for s in row], dtype=torch.long))
         sample = 0
         for r, row in enumerate(rows):
-            if sum(len(s.context_pos) for s in row) > context_len or sum(len(s.target_pos) for s in row) > target_len:
-                raise ValueError(f"row {r} holds more tokens than the stream lengths {context_len}/{target_len}")
-            c = t = 0
-            for i, s in enumerate(row):
-                nc, nt = len(s.context_pos), len(s.target_pos)
+            if sum(len(s.context_pos) for s in row) > context_len or sum(len(s.hidden_pos) for s in row) > hidden_len:
+                raise ValueError(f"row {r} holds more tokens than the stream lengths {context_len}/{hidden_len}")
+            if len(row) > batch.images_per_row:
+                raise ValueError(f"row {r} holds {len(row)} images, more than images_per_row={batch.images_per_row}")
+            c = h = 0
+            for s in row:
+                nc, nh = len(s.context_pos), len(s.hidden_pos)
                 batch.context_patches[r, c:c + nc] = s.context_patches
                 batch.context_pos[r, c:c + nc] = s.context_pos
                 batch.context_sample[r, c:c + nc] = sample
-                batch.context_pool[r, c:c + nc] = _pool_slots(nc, COND_TOKENS * i)
-                batch.target_patches[r, t:t + nt] = s.target_patches
-                batch.target_pos[r, t:t + nt] = s.target_pos
-                batch.target_sample[r, t:t + nt] = sample
-                batch.predict[r, t:t + nt] = s.predict
-                pool = torch.full((nt,), -1)
-                pool[s.predict] = _pool_slots(int(s.predict.sum()), COND_TOKENS * i)
-                batch.target_pool[r, t:t + nt] = pool
-                c, t, sample = c + nc, t + nt, sample + 1
+                batch.hidden_patches[r, h:h + nh] = s.hidden_patches
+                batch.hidden_pos[r, h:h + nh] = s.hidden_pos
+                batch.hidden_sample[r, h:h + nh] = sample
+                batch.is_target[r, h:h + nh] = s.is_target
+                c, h, sample = c + nc, h + nh, sample + 1
         return batch
 
     @classmethod
     def padded(cls, splits: list):
         """An ordinary batch: one image per row, padded to the longest streams."""
         return cls.from_rows([[s] for s in splits], max(len(s.context_pos) for s in splits),
-                             max(len(s.target_pos) for s in splits))
+                             max(len(s.hidden_pos) for s in splits))
+
+    def whole_images(self):
+        """Both streams side by side, what the teacher sees: patches (B, Lc + Lh, C*p*p), pos, sample."""
+        return (torch.cat([self.context_patches, self.hidden_patches], 1),
+                torch.cat([self.context_pos, self.hidden_pos], 1),
+                torch.cat([self.context_sample, self.hidden_sample], 1))
 
     def to(self, device):
         return MaskedBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()})
@@ -606,95 +609,87 @@ def mask_images(images: torch.Tensor, patch_size: int, masking, g: torch.Generat
 # 9. I-JEPA
 
 
-def pooled_position_tokens(pos_emb, slot, sample, n_slots):
-    """Average position embeddings by slot: (B, L, D), (B, L), (B, L) -> (B, S, D), (B, S).
-
-    Empty slots come back with sample id -1, so they behave as padding."""
-    B, L, D = pos_emb.shape
-    used = slot >= 0
-    idx = slot.clamp(min=0)
-    sums = pos_emb.new_zeros(B, n_slots, D).scatter_add_(1, idx[..., None].expand(-1, -1, D),
-                                                         pos_emb * used[..., None])
-    counts = pos_emb.new_zeros(B, n_slots).scatter_add_(1, idx, used.to(pos_emb.dtype))
-    ids = torch.full((B, n_slots), -1, device=slot.device).scatter_reduce_(
-        1, idx, torch.where(used, sample, -1), reduce="amax")
-    return sums / counts.clamp(min=1)[..., None], ids
-
-
 @dataclass
 class JEPAOutput:
-    """What a forward returns. Everything is laid out like the target stream (B, Lt), so shapes
+    """What a forward returns. Everything is laid out like the hidden stream (B, Lh), so shapes
     never depend on the masks (a compiled model never recompiles); the properties list the T
     predicted tokens alone."""
 
     loss: torch.Tensor  # scalar: mean over every predicted token and channel
-    loss_per_slot: torch.Tensor  # (B, Lt) mean loss of each target-stream slot (0 where not predicted)
-    predict: torch.Tensor  # (B, Lt) bool: the slots that count
-    sample: torch.Tensor  # (B, Lt) image id of each slot
-    pos: torch.Tensor  # (B, Lt, 2) (row, col) of each slot
-    prediction: torch.Tensor  # (B, Lt, D) the predictor's output
-    target: torch.Tensor  # (B, Lt, D) the normalised teacher features
+    loss_per_slot: torch.Tensor  # (B, Lh) mean loss of each hidden-stream slot (0 where not a target)
+    is_target: torch.Tensor  # (B, Lh) bool: the slots that count
+    sample: torch.Tensor  # (B, Lh) image id of each slot
+    pos: torch.Tensor  # (B, Lh, 2) (row, col) of each slot
+    prediction: torch.Tensor  # (B, Lh, D) the predictor's output
+    teacher_features: torch.Tensor  # (B, Lh, D) the teacher's features after the feature norm: the targets where is_target
 
     @property
     def token_loss(self):  # (T,) loss of each predicted token
-        return self.loss_per_slot[self.predict]
+        return self.loss_per_slot[self.is_target]
 
     @property
     def token_sample(self):  # (T,) its image id in the batch
-        return self.sample[self.predict]
+        return self.sample[self.is_target]
 
     @property
     def token_pos(self):  # (T, 2) its (row, col): scatter into a grid to draw a loss map
-        return self.pos[self.predict]
+        return self.pos[self.is_target]
 
 
 class IJEPA(nn.Module):
-    """Student (context encoder), EMA teacher (target encoder, no gradients) and predictor."""
+    """Student (context encoder), EMA teacher (target encoder, no gradients) and predictor.
+
+    `forward` runs the four stages of the method; each is a method, so that a variant
+    (ec_ijepa.py) can replace one stage and keep the others."""
+
+    encoder_class = VisionTransformer
 
     def __init__(self, cfg: JEPAConfig = JEPAConfig()):
         super().__init__()
         self.cfg = cfg
-        self.student = VisionTransformer(cfg.encoder_config())
+        self.student = self.encoder_class(cfg.encoder_config())
         self.predictor = Predictor(cfg.predictor_config(), self.student.cfg.dim)
-        self.teacher = VisionTransformer(cfg.encoder_config())
+        self.teacher = self.encoder_class(cfg.encoder_config())
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
 
     def forward(self, batch: MaskedBatch) -> JEPAOutput:
-        Lc, D = batch.context_patches.shape[1], self.student.cfg.dim
-        student_cond = teacher_cond = (None, None)
-        if self.cfg.condition_encoders:  # EC-IJEPA: each encoder learns where the other's tokens are
-            student_cond = pooled_position_tokens(sincos_2d(batch.target_pos, D), batch.target_pool,
-                                                  batch.target_sample, batch.n_pool_slots)
-            teacher_cond = pooled_position_tokens(sincos_2d(batch.context_pos, D), batch.context_pool,
-                                                  batch.context_sample, batch.n_pool_slots)
+        teacher_features = self.encode_targets(batch)  # 1. (B, Lh, D)
+        context = self.encode_context(batch)  # 2. (B, Lc, D)
+        prediction = self.predict(context, batch)  # 3. (B, Lh, D)
+        return self.loss(prediction, teacher_features, batch)  # 4.
 
-        # 1. target encoding: the teacher sees the whole image (both streams), then feature norm
-        with torch.no_grad():
-            full = self.teacher(torch.cat([batch.context_patches, batch.target_patches], 1),
-                                torch.cat([batch.context_pos, batch.target_pos], 1),
-                                torch.cat([batch.context_sample, batch.target_sample], 1),
-                                *teacher_cond)  # (B, Lc + Lt, D)
-            targets = normalize_targets(full[:, Lc:], batch.predict, self.cfg.feature_norm)  # (B, Lt, D)
+    @torch.no_grad()
+    def encode_targets(self, batch: MaskedBatch) -> torch.Tensor:
+        """1. Target encoding: the teacher sees the whole image (both streams); its features at the
+        hidden stream, after the feature norm, are the targets where `is_target`. No gradient."""
+        whole = self.teacher(*batch.whole_images())  # (B, Lc + Lh, D)
+        return self.teacher_targets(whole, batch)
 
-        # 2. context encoding: the student sees only the context stream
-        context = self.student(batch.context_patches, batch.context_pos, batch.context_sample,
-                               *student_cond)  # (B, Lc, D)
+    def teacher_targets(self, whole: torch.Tensor, batch: MaskedBatch) -> torch.Tensor:
+        """The teacher's output over both streams (B, Lc + Lh, D) -> the feature-normed hidden stream (B, Lh, D)."""
+        return apply_feature_norm(whole[:, batch.context_patches.shape[1]:], batch.is_target, self.cfg.feature_norm)
 
-        # 3. prediction at every target position
-        predict_sample = torch.where(batch.predict, batch.target_sample, -1)
-        pred = self.predictor(context, batch.context_pos, batch.context_sample,
-                              batch.target_pos, predict_sample)  # (B, Lt, D)
+    def encode_context(self, batch: MaskedBatch) -> torch.Tensor:
+        """2. Context encoding: the student sees only the context stream."""
+        return self.student(batch.context_patches, batch.context_pos, batch.context_sample)  # (B, Lc, D)
 
-        # 4. loss over the predicted tokens only
+    def predict(self, context: torch.Tensor, batch: MaskedBatch) -> torch.Tensor:
+        """3. Prediction at every target position of the hidden stream (other slots act as padding)."""
+        query_sample = torch.where(batch.is_target, batch.hidden_sample, -1)
+        return self.predictor(context, batch.context_pos, batch.context_sample, batch.hidden_pos, query_sample)
+
+    def loss(self, prediction: torch.Tensor, teacher_features: torch.Tensor, batch: MaskedBatch) -> JEPAOutput:
+        """4. The loss, a mean over the predicted tokens and their channels (smooth-L1, beta 1, or MSE)."""
         if self.cfg.loss == "smooth_l1":
-            per_elem = F.smooth_l1_loss(pred.float(), targets.float(), reduction="none", beta=1.0)
+            per_elem = F.smooth_l1_loss(prediction.float(), teacher_features.float(), reduction="none", beta=1.0)
         else:
-            per_elem = F.mse_loss(pred.float(), targets.float(), reduction="none")
-        weight = batch.predict.to(per_elem.dtype)  # (B, Lt)
-        per_slot = per_elem.mean(-1) * weight  # (B, Lt)
+            per_elem = F.mse_loss(prediction.float(), teacher_features.float(), reduction="none")
+        weight = batch.is_target.to(per_elem.dtype)  # (B, Lh)
+        per_slot = per_elem.mean(-1) * weight  # (B, Lh)
         loss = per_slot.sum() / weight.sum().clamp(min=1)
-        return JEPAOutput(loss, per_slot, batch.predict, batch.target_sample, batch.target_pos, pred, targets)
+        return JEPAOutput(loss, per_slot, batch.is_target, batch.hidden_sample, batch.hidden_pos, prediction,
+                          teacher_features)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -702,105 +697,3 @@ class IJEPA(nn.Module):
         DynTanh alpha included)."""
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t.lerp_(s.detach(), 1.0 - momentum)
-
-
-# -----------------------------------------------------------------------------------------------
-# 10. Schedules (pure functions of the step) and optimiser parameter groups
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int, final: float = 1e-6) -> float:
-    """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to `final`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))
-
-
-def weight_decay_at(step: int, total: int, start: float = 0.04, end: float = 0.4) -> float:
-    """Cosine from `start` to `end` over the run (the official schedule grows it)."""
-    progress = min(1.0, step / max(1, total))
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
-
-
-def ema_momentum_at(step: int, total: int, start: float = 0.996, end: float = 1.0) -> float:
-    """Linear from `start` to `end` over the run."""
-    return start + (end - start) * min(1.0, step / max(1, total))
-
-
-def param_groups(model: IJEPA) -> list:
-    """AdamW groups over the trainable parts (student and predictor): weight decay on matrices
-    only; none on 1-D tensors (biases, norms, DynTanh alpha) or the mask token (the official code
-    decays the mask token, a (1, 1, D) tensor, like a matrix). The fixed sin-cos positions are not
-    parameters at all. Groups carry `apply_wd` so the schedule can set them."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith("mask_token") else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
-
-
-# -----------------------------------------------------------------------------------------------
-# 11. Loading a released official checkpoint
-#
-# Official layout: {"encoder", "predictor", "target_encoder", "opt", ...}, each a state dict whose
-# keys start with "module." (DDP). Encoder keys equal ours but for the patch embedding (a Conv2d)
-# and a fixed `pos_embed` table (ours is computed); predictor keys carry a "predictor_" prefix.
-
-
-def _official_encoder_to_ours(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k == "pos_embed":
-            continue  # fixed sin-cos table: computed from coordinates here
-        if k == "patch_embed.proj.weight":
-            k, v = "patch_embed.weight", v.flatten(1)  # (D, C, p, p) -> (D, C*p*p)
-        elif k == "patch_embed.proj.bias":
-            k = "patch_embed.bias"
-        out[k] = v
-    return out
-
-
-def _official_predictor_to_ours(sd: dict) -> dict:
-    return {k.removeprefix("predictor_"): v for k, v in sd.items() if k != "predictor_pos_embed"}
-
-
-def _load_strict(module: nn.Module, sd: dict, what: str) -> None:
-    ours = module.state_dict()
-    missing = sorted(set(ours) - set(sd))
-    unexpected = sorted(set(sd) - set(ours))
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
-             for k in sorted(set(sd) & set(ours)) if sd[k].shape != ours[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"the checkpoint's {what} does not fit this model: missing keys {missing}, "
-                         f"unexpected keys {unexpected}, wrong shapes {wrong}. Build the model with the "
-                         f"checkpoint's preset and patch size.")
-    module.load_state_dict(sd)
-
-
-def load_official_checkpoint(source, encoder: VisionTransformer, predictor: Predictor | None = None) -> list:
-    """Load a released official I-JEPA checkpoint (a path or its loaded dict) into `encoder`
-    (from `target_encoder`, the EMA teacher that is kept after pre-training) and, when given and
-    present, into `predictor`. Returns the names of what was loaded."""
-    if isinstance(source, dict):
-        ckpt = source
-    else:
-        try:
-            ckpt = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or not a torch file
-            raise ValueError(f"cannot read checkpoint file {source!r} ({type(e).__name__}: {e}); "
-                             f"it is truncated or not a PyTorch checkpoint: download it again") from e
-    if not isinstance(ckpt, dict) or "target_encoder" not in ckpt:
-        keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"unknown checkpoint layout: expected the official top-level keys "
-                         f"'encoder', 'predictor', 'target_encoder'; found {keys}")
-
-    def strip(sd):
-        return {k.removeprefix("module."): v for k, v in sd.items()}
-
-    _load_strict(encoder, _official_encoder_to_ours(strip(ckpt["target_encoder"])), "target_encoder")
-    loaded = ["target_encoder"]
-    if predictor is not None and "predictor" in ckpt:
-        _load_strict(predictor, _official_predictor_to_ours(strip(ckpt["predictor"])), "predictor")
-        loaded.append("predictor")
-    return loaded

@@ -3,9 +3,9 @@
 The pipeline, per image:
   1. variable resolution: a random size with the image's aspect ratio kept, the area capped and
      the sides rounded to multiples of patch x window (`random_size`, `resize`);
-  2. split: patchify and cut into a context stream and a target stream (`models.split_image`);
-  3. pack: first-fit into `rows` rows, each with `context_len` context slots and `target_len`
-     target slots: an image goes into the first row with room in *both* streams, so its two
+  2. split: patchify and cut into a context stream and a hidden stream (`models.split_image`);
+  3. pack: first-fit into `rows` rows, each with `context_len` context slots and `hidden_len`
+     hidden slots: an image goes into the first row with room in *both* streams, so its two
      streams share a row (`Packer`).
 
 Every batch has the same tensor shapes, so a compiled model never recompiles, and the model of
@@ -33,8 +33,8 @@ class PackingConfig:
     max_area: int = 96 * 96  # then the area is capped
     rows: int = 16
     context_len: int = 96
-    target_len: int = 128
-    max_images_per_row: int = 16  # also fixes the number of encoder-conditioning slots per row
+    hidden_len: int = 128
+    max_images_per_row: int = 16  # the batch's images_per_row: a fixed bound for per-image extras (encoder conditioning)
     fit: str = "error"  # an image that can never fit a row: "error", or "resize" it down until it fits
 
     def __post_init__(self):
@@ -52,9 +52,9 @@ class PackingConfig:
         if self.max_area < m * m:
             raise ValueError(f"max_area {self.max_area} is below one window ({m}x{m} px); raise it")
         smallest = (self.min_side // self.patch_size) ** 2  # tokens of the smallest possible image
-        if self.context_len < 1 or self.target_len < 1 or self.context_len + self.target_len < smallest:
-            raise ValueError(f"a row of {self.context_len} context + {self.target_len} target slots cannot "
-                             f"hold even the smallest image ({smallest} patches); raise context_len/target_len")
+        if self.context_len < 1 or self.hidden_len < 1 or self.context_len + self.hidden_len < smallest:
+            raise ValueError(f"a row of {self.context_len} context + {self.hidden_len} hidden slots cannot "
+                             f"hold even the smallest image ({smallest} patches); raise context_len/hidden_len")
         if self.fit not in ("error", "resize"):
             raise ValueError(f"fit must be 'error' or 'resize', got {self.fit!r}")
 
@@ -67,7 +67,7 @@ class PackingConfig:
         """A config whose rows split `row_tokens` slots between the two streams in proportion to
         the masking's mean context fraction, measured over 500 images of `image_size` drawn
         through the same variable-resolution step, so neither stream fills while the other has room."""
-        probe = cls(**{**kwargs, "context_len": row_tokens, "target_len": row_tokens})
+        probe = cls(**{**kwargs, "context_len": row_tokens, "hidden_len": row_tokens})
         g = torch.Generator().manual_seed(0)
         context = total = 0
         for _ in range(500):
@@ -75,7 +75,7 @@ class PackingConfig:
             h, w = h // probe.patch_size, w // probe.patch_size
             context, total = context + len(masking(h, w, g).context), total + h * w
         context_len = round(row_tokens * context / total)
-        return cls(**{**kwargs, "context_len": context_len, "target_len": row_tokens - context_len})
+        return cls(**{**kwargs, "context_len": context_len, "hidden_len": row_tokens - context_len})
 
 
 # -----------------------------------------------------------------------------------------------
@@ -129,15 +129,15 @@ class Packer:
         self.cfg = cfg
         self.pool = []
         self.pool_tokens = 0
-        self.batch_tokens = cfg.rows * (cfg.context_len + cfg.target_len)
+        self.batch_tokens = cfg.rows * (cfg.context_len + cfg.hidden_len)
         self.pool_factor = pool_factor
 
     def add(self, s: M.SplitImage) -> list:
-        nc, nt = len(s.context_pos), len(s.target_pos)
-        if nc > self.cfg.context_len or nt > self.cfg.target_len:
-            raise ValueError(f"an image of {s.grid[0]}x{s.grid[1]} patches has {nc} context and {nt} target "
-                             f"tokens, more than a row holds ({self.cfg.context_len}/{self.cfg.target_len}); raise "
-                             f"context_len/target_len, lower side_range/max_area, or use fit='resize'")
+        nc, nt = len(s.context_pos), len(s.hidden_pos)
+        if nc > self.cfg.context_len or nt > self.cfg.hidden_len:
+            raise ValueError(f"an image of {s.grid[0]}x{s.grid[1]} patches has {nc} context and {nt} hidden "
+                             f"tokens, more than a row holds ({self.cfg.context_len}/{self.cfg.hidden_len}); raise "
+                             f"context_len/hidden_len, lower side_range/max_area, or use fit='resize'")
         self.pool.append(s)
         self.pool_tokens += nc + nt
         return [self._emit()] if self.pool_tokens >= self.pool_factor * self.batch_tokens else []
@@ -151,20 +151,20 @@ class Packer:
     def _emit(self) -> M.MaskedBatch:
         cfg = self.cfg
         rows = [[] for _ in range(cfg.rows)]
-        used = [[0, 0] for _ in range(cfg.rows)]  # (context, target) slots taken per row
-        self.pool.sort(key=lambda s: -max(len(s.context_pos) / cfg.context_len, len(s.target_pos) / cfg.target_len))
+        used = [[0, 0] for _ in range(cfg.rows)]  # (context, hidden) slots taken per row
+        self.pool.sort(key=lambda s: -max(len(s.context_pos) / cfg.context_len, len(s.hidden_pos) / cfg.hidden_len))
         left = []
         for s in self.pool:
-            nc, nt = len(s.context_pos), len(s.target_pos)
+            nc, nt = len(s.context_pos), len(s.hidden_pos)
             for row, u in zip(rows, used):
-                if u[0] + nc <= cfg.context_len and u[1] + nt <= cfg.target_len and len(row) < cfg.max_images_per_row:
+                if u[0] + nc <= cfg.context_len and u[1] + nt <= cfg.hidden_len and len(row) < cfg.max_images_per_row:
                     row.append(s)
                     u[0], u[1] = u[0] + nc, u[1] + nt
                     break
             else:
                 left.append(s)
-        self.pool, self.pool_tokens = left, sum(len(s.context_pos) + len(s.target_pos) for s in left)
-        return M.MaskedBatch.from_rows(rows, cfg.context_len, cfg.target_len, pool_images_per_row=cfg.max_images_per_row)
+        self.pool, self.pool_tokens = left, sum(len(s.context_pos) + len(s.hidden_pos) for s in left)
+        return M.MaskedBatch.from_rows(rows, cfg.context_len, cfg.hidden_len, images_per_row=cfg.max_images_per_row)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def prepare(image: torch.Tensor, cfg: PackingConfig, masking, g: torch.Generator
     size = random_size(image.shape[-2], image.shape[-1], cfg, g)
     while True:
         s = M.split_image(resize(image, size), cfg.patch_size, masking, g, label)
-        if s.context_pos.shape[0] <= cfg.context_len and s.target_pos.shape[0] <= cfg.target_len:
+        if s.context_pos.shape[0] <= cfg.context_len and s.hidden_pos.shape[0] <= cfg.hidden_len:
             return s
         if cfg.fit == "error" or max(size) <= cfg.min_side:
             return s  # the packer raises its error for it
@@ -253,17 +253,17 @@ class BatchStream(torch.utils.data.IterableDataset):
 
 def occupancy(batch: M.MaskedBatch) -> float:
     """Real tokens / token slots, over both streams."""
-    real = (batch.context_sample >= 0).sum() + (batch.target_sample >= 0).sum()
-    return float(real) / (batch.context_sample.numel() + batch.target_sample.numel())
+    real = (batch.context_sample >= 0).sum() + (batch.hidden_sample >= 0).sum()
+    return float(real) / (batch.context_sample.numel() + batch.hidden_sample.numel())
 
 
 def rebuild_images(batch: M.MaskedBatch, patch_size: int) -> list:
     """Each image of a batch rebuilt from its tokens: a list of (C, h*p, w*p) tensors."""
     images = []
     for i, (h, w) in enumerate(batch.grids.tolist()):
-        in_ctx, in_tgt = batch.context_sample == i, batch.target_sample == i
-        patches = torch.cat([batch.context_patches[in_ctx], batch.target_patches[in_tgt]])  # (h*w, P)
-        pos = torch.cat([batch.context_pos[in_ctx], batch.target_pos[in_tgt]])  # (h*w, 2)
+        in_ctx, in_tgt = batch.context_sample == i, batch.hidden_sample == i
+        patches = torch.cat([batch.context_patches[in_ctx], batch.hidden_patches[in_tgt]])  # (h*w, P)
+        pos = torch.cat([batch.context_pos[in_ctx], batch.hidden_pos[in_tgt]])  # (h*w, 2)
         grid = torch.empty_like(patches)
         grid[pos[:, 0] * w + pos[:, 1]] = patches
         images.append(M.unpatchify(grid[None], (h, w), patch_size)[0])
@@ -294,10 +294,10 @@ def token_picture(sample: torch.Tensor) -> torch.Tensor:
 def draw_packed_batch(batch: M.MaskedBatch, path=None, title=None):
     """The two streams of a packed batch, one token per cell, coloured by image, padding grey."""
     import matplotlib.pyplot as plt
-    lc, lt = batch.context_sample.shape[1], batch.target_sample.shape[1]
+    lc, lt = batch.context_sample.shape[1], batch.hidden_sample.shape[1]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.3 * len(batch.context_sample) + 1.5),
                              gridspec_kw={"width_ratios": [lc, lt]})
-    for ax, sample, name in [(axes[0], batch.context_sample, "context stream"), (axes[1], batch.target_sample, "target stream")]:
+    for ax, sample, name in [(axes[0], batch.context_sample, "context stream"), (axes[1], batch.hidden_sample, "hidden stream")]:
         ax.imshow(token_picture(sample).numpy(), aspect="auto", interpolation="nearest")
         ax.set_title(f"{name}: {sample.shape[0]} rows x {sample.shape[1]} slots")
         ax.set_xlabel("token slot")
@@ -312,14 +312,14 @@ def draw_packed_batch(batch: M.MaskedBatch, path=None, title=None):
 def draw_attention_mask(batch: M.MaskedBatch, row: int = 0, path=None):
     """The teacher's attention mask for one row (both streams), True = may attend."""
     import matplotlib.pyplot as plt
-    sample = torch.cat([batch.context_sample[row], batch.target_sample[row]])[None]
+    sample = torch.cat([batch.context_sample[row], batch.hidden_sample[row]])[None]
     mask = M.attention_mask(sample)[0, 0]  # (L, L)
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.imshow(mask.numpy(), cmap="Greys", interpolation="nearest")
     lc = batch.context_sample.shape[1]
     ax.axvline(lc - 0.5, color="tab:red", lw=1)
     ax.axhline(lc - 0.5, color="tab:red", lw=1)
-    ax.set_title(f"row {row}: may attend (black); red line: context | target stream")
+    ax.set_title(f"row {row}: may attend (black); red line: context | hidden stream")
     ax.set_xlabel("key token")
     ax.set_ylabel("query token")
     fig.tight_layout()

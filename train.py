@@ -2,7 +2,8 @@
 
 The work is one function, `train(TrainConfig)`, that the notebooks call too; the command line
 maps its flags onto that config. Per step: a batch (ordinary or packed) from `packing.BatchStream`,
-then `training_step` (forward, backward, AdamW, EMA) with the schedules of models.py.
+then `training_step` (forward, backward, AdamW, EMA) with the schedules below, pure functions of
+the optimiser step.
 
     python train.py                                   # demo recipe: 1,200 steps, 10-15 minutes on 2 CPU cores -> checkpoints/demo/
     python train.py --steps 200 --out checkpoints/run1
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm  # the plain-text bar: it reads the same in a terminal, a notebook and a saved notebook
 
 import data
+import ec_ijepa
 import evaluate as E
 import models as M
 import packing as P
@@ -65,8 +67,12 @@ class TrainConfig:
 
     def jepa_config(self) -> M.JEPAConfig:
         return M.JEPAConfig(model=self.model, patch_size=self.patch_size, feature_norm=self.feature_norm,
-                            loss=self.loss, condition_encoders=self.condition_encoders,
-                            predictor_dim=self.predictor_dim, predictor_depth=self.predictor_depth)
+                            loss=self.loss, predictor_dim=self.predictor_dim, predictor_depth=self.predictor_depth)
+
+
+def build_model(cfg: TrainConfig) -> M.IJEPA:
+    """The model a config trains: I-JEPA, or its encoder-conditioned variant (ec_ijepa.py)."""
+    return (ec_ijepa.ConditionedIJEPA if cfg.condition_encoders else M.IJEPA)(cfg.jepa_config())
 
 
 DEMO_STEPS = 1200  # the demo recipe's length when no --steps, --epochs or --minutes is given (12.8 epochs)
@@ -99,6 +105,57 @@ def check_config(cfg: TrainConfig) -> None:
                          f"start without --resume or point --out at an earlier run")
     if cfg.resolution % cfg.patch_size:
         raise ValueError(f"--resolution {cfg.resolution} must be a multiple of the patch size {cfg.patch_size}")
+
+
+# -----------------------------------------------------------------------------------------------
+# Optimiser and schedules (pure functions of the optimiser step, so nothing can be stepped twice)
+
+
+def param_groups(model: M.IJEPA) -> list:
+    """AdamW groups over the trainable parts (student and predictor): weight decay on matrices
+    only; none on 1-D tensors (biases, norms, DynTanh alpha) or the mask token. The fixed sin-cos
+    positions are not parameters at all. Groups carry `apply_wd` so the schedule can set them."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("mask_token") else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: M.IJEPA, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the student and predictor, weight decay on matrices only (`param_groups`)."""
+    return torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay[0])
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, final: float = 1e-6) -> float:
+    """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to `final`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))
+
+
+def weight_decay_at(step: int, total: int, start: float = 0.04, end: float = 0.4) -> float:
+    """Cosine from `start` to `end` over the run (the official schedule grows it)."""
+    progress = min(1.0, step / max(1, total))
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
+def ema_momentum_at(step: int, total: int, start: float = 0.998, end: float = 1.0) -> float:
+    """Linear from `start` to `end` over the run (the official recipe starts at 0.996)."""
+    return start + (end - start) * min(1.0, step / max(1, total))
+
+
+def set_schedules(optimizer, cfg: TrainConfig, step: int, total: int) -> dict:
+    """Set this step's learning rate and weight decay; return them with the EMA momentum."""
+    lr = lr_at(step, total, cfg.lr, max(1, int(cfg.warmup * total)))
+    wd = weight_decay_at(step, total, *cfg.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group["apply_wd"]:
+            group["weight_decay"] = wd
+    return {"lr": lr, "weight_decay": wd, "ema_momentum": ema_momentum_at(step, total, *cfg.ema)}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -141,22 +198,6 @@ def training_step(model: M.IJEPA, optimizer: torch.optim.Optimizer, batch: M.Mas
     return StepResult(out.loss.detach(), out, norms)
 
 
-def make_optimizer(model: M.IJEPA, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the student and predictor (weight decay on matrices only, `M.param_groups`)."""
-    return torch.optim.AdamW(M.param_groups(model), lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay[0])
-
-
-def set_schedules(optimizer, cfg: TrainConfig, step: int, total: int) -> dict:
-    """Set this step's learning rate and weight decay; return them with the EMA momentum."""
-    lr = M.lr_at(step, total, cfg.lr, max(1, int(cfg.warmup * total)))
-    wd = M.weight_decay_at(step, total, *cfg.weight_decay)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        if group["apply_wd"]:
-            group["weight_decay"] = wd
-    return {"lr": lr, "weight_decay": wd, "ema_momentum": M.ema_momentum_at(step, total, *cfg.ema)}
-
-
 # -----------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -191,7 +232,7 @@ def model_from_checkpoint(path: str, device="cpu") -> tuple:
     ckpt = load_checkpoint(path)
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
-    model = M.IJEPA(cfg.jepa_config())
+    model = build_model(cfg)
     model.student.load_state_dict(ckpt["student"])
     model.teacher.load_state_dict(ckpt["teacher"])
     model.predictor.load_state_dict(ckpt["predictor"])
@@ -236,7 +277,7 @@ def build_stream(cfg: TrainConfig, dataset, rank=0, world=1) -> P.BatchStream:
         # rows for about batch_size images: measured tokens per image over the measured occupancy
         sizes = [P.random_size(cfg.resolution, cfg.resolution, probe, torch.Generator().manual_seed(i)) for i in range(200)]
         tokens = statistics.mean(h * w for h, w in sizes) / cfg.patch_size ** 2
-        rows = max(1, round(cfg.batch_size * tokens / ((probe.context_len + probe.target_len) * 0.93)))
+        rows = max(1, round(cfg.batch_size * tokens / ((probe.context_len + probe.hidden_len) * 0.93)))
         packing = P.PackingConfig(**{**asdict(probe), "rows": rows})
     return P.BatchStream(dataset, masking, cfg.patch_size, packing, cfg.batch_size, cfg.seed, rank=rank, world=world)
 
@@ -293,7 +334,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         return int(t)
 
     torch.manual_seed(cfg.seed)
-    model = M.IJEPA(cfg.jepa_config()).to(device)
+    model = build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
     dataset = build_dataset(cfg)
     rankme_images = torch.stack([dataset[i][0] for i in range(min(RANKME_IMAGES, len(dataset)))]).to(device)
@@ -393,7 +434,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             out = result.output
             row = {"step": step, "loss": loss, **sched, "grad_norms": result.grad_norms,
                    "rankme": E.image_rankme(model.teacher, rankme_images),
-                   "target_token_rankme": E.rankme(out.target[out.predict].detach().float()),
+                   "target_token_rankme": E.rankme(out.teacher_features[out.is_target].detach().float()),
                    "padding": 1 - P.occupancy(batch),
                    "images_per_s": images / dt, "images": images, "seconds": time.perf_counter() - start}
             log.append(row)

@@ -33,13 +33,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import models as M  # noqa: E402
 import packing as P  # noqa: E402
-from train import training_step  # noqa: E402
+from train import param_groups, training_step  # noqa: E402
 
 
 def new_model(args):
     torch.manual_seed(0)
     model = M.IJEPA(M.JEPAConfig(model=args.model, patch_size=args.patch)).to(args.device)
-    return model, torch.optim.AdamW(M.param_groups(model), lr=1e-4, weight_decay=0.04)
+    return model, torch.optim.AdamW(param_groups(model), lr=1e-4, weight_decay=0.04)
 
 
 def timed_step(model, opt, batch, device, forward=None) -> float:
@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--masking", default="window", choices=sorted(M.MASKINGS))
     ap.add_argument("--side-range", type=int, nargs=2, default=(32, 96))
     ap.add_argument("--rows", type=int, default=16)
-    ap.add_argument("--row-tokens", type=int, default=224, help="context + target slots per row")
+    ap.add_argument("--row-tokens", type=int, default=224, help="context + hidden slots per row")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per regime")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time the packed step under torch.compile")
@@ -166,7 +166,7 @@ def main():
         return sum(getattr(b, f"{stream}_sample").numel() for b in batches)
 
     def real(batches):
-        return sum(int((b.context_sample >= 0).sum() + (b.target_sample >= 0).sum()) for b in batches)
+        return sum(int((b.context_sample >= 0).sum() + (b.hidden_sample >= 0).sum()) for b in batches)
 
     occ = real(timed) / (slots(timed, "context") + slots(timed, "target"))
     padded_occ = real(padded) / (slots(padded, "context") + slots(padded, "target"))
@@ -174,7 +174,7 @@ def main():
 
     print(f"model {args.model}, patch {args.patch}, {args.masking} masking, sides {args.side_range[0]}-{hi} px, "
           f"device {args.device}, {torch.get_num_threads()} threads")
-    print(f"packing: {cfg.rows} rows x ({cfg.context_len} context + {cfg.target_len} target) slots, "
+    print(f"packing: {cfg.rows} rows x ({cfg.context_len} context + {cfg.hidden_len} target) slots, "
           f"{per_batch} images per batch on average; packing {len(splits)} images took {pack_s:.1f} s "
           f"({len(splits) / pack_s:.0f} images/s, rendering included)")
     print(f"{'regime':<38}{'images/batch':>13}{'occupancy':>11}{'images/s':>10}{'memory MB':>11}")

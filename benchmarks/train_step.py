@@ -27,13 +27,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import models as M  # noqa: E402
-from train import training_step  # noqa: E402
+from train import param_groups, training_step  # noqa: E402
 
 
 def step_flops(model, opt, batch) -> int:
     """Model FLOPs of one training step, counted while running it (on a copy: the real model and
     optimiser are not stepped)."""
-    model, opt_copy = copy.deepcopy(model), torch.optim.AdamW(M.param_groups(model), lr=1e-4)
+    model, opt_copy = copy.deepcopy(model), torch.optim.AdamW(param_groups(model), lr=1e-4)
     with FlopCounterMode(display=False) as counter:
         training_step(model, opt_copy, batch, momentum=0.996)
     return counter.get_total_flops()
@@ -69,7 +69,7 @@ def main():
     cfg = M.JEPAConfig(model=args.model, patch_size=args.patch, predictor_dim=args.predictor_dim,
                        predictor_depth=args.predictor_depth)
     model = M.IJEPA(cfg)
-    opt = torch.optim.AdamW(M.param_groups(model), lr=1e-4, weight_decay=0.04)
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-4, weight_decay=0.04)
     g = torch.Generator().manual_seed(0)
     masking = M.make_masking(args.masking)
 
@@ -94,7 +94,7 @@ def main():
           f"predictor {args.predictor_depth}x{args.predictor_dim}; {n_params / 1e6:.1f} M trainable parameters")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"tokens per image: context {float((batches[0].context_sample >= 0).sum(1).float().mean()):.1f}, "
-          f"predicted {float(batches[0].predict.sum(1).float().mean()):.1f}, whole image {(args.size // args.patch) ** 2}")
+          f"predicted {float(batches[0].is_target.sum(1).float().mean()):.1f}, whole image {(args.size // args.patch) ** 2}")
     print(f"step seconds: median {step_s:.3f} over {len(times)} steps (min {min(times):.3f}, max {max(times):.3f})")
     print(f"batch building (masks + layout), not timed above: {build_s * 1000:.0f} ms per batch")
     print(f"images/s: {args.batch / step_s:.2f}")

@@ -48,12 +48,12 @@ def test_train_step_counts_flops_and_measures_the_matmul_limit():
     # a training step: the predictor's last projection alone costs 2 * tokens * Dp * D forward
     torch.manual_seed(0)
     model = M.IJEPA(M.JEPAConfig())
-    opt = torch.optim.AdamW(M.param_groups(model), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = M.mask_images(torch.rand(4, 3, 32, 32), 8, M.MultiBlockMasking(), torch.Generator().manual_seed(0))
     before = [p.clone() for p in model.parameters()]
     flops = train_step.step_flops(model, opt, batch)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # counted on a copy
-    tokens = batch.target_patches.shape[0] * batch.target_patches.shape[1]
+    tokens = batch.hidden_patches.shape[0] * batch.hidden_patches.shape[1]
     assert flops > 3 * 2 * tokens * 64 * 128
     assert train_step.matmul_flops_per_s(256, repeats=2) > 1e8
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import ec_ijepa
 import models as M
 import packing as P
 
@@ -27,12 +28,12 @@ def test_every_image_exactly_once_static_shapes_and_shared_rows(masking):
         assert sorted(labels.tolist()) == list(range(n)), "every image exactly once"
         for b in batches:
             assert b.context_patches.shape == (cfg.rows, cfg.context_len, 3 * 64)
-            assert b.target_patches.shape == (cfg.rows, cfg.target_len, 3 * 64)
+            assert b.hidden_patches.shape == (cfg.rows, cfg.hidden_len, 3 * 64)
             assert b.context_patches.dtype == torch.float32 and b.context_sample.dtype == torch.long
-            assert b.n_pool_slots == M.COND_TOKENS * cfg.max_images_per_row
+            assert b.images_per_row == cfg.max_images_per_row
             for i in range(len(b.grids)):  # an image's two streams sit in one row
                 rows_c = (b.context_sample == i).any(1).nonzero().flatten()
-                rows_t = (b.target_sample == i).any(1).nonzero().flatten()
+                rows_t = (b.hidden_sample == i).any(1).nonzero().flatten()
                 assert len(rows_c) == 1 and torch.equal(rows_c, rows_t)
 
 
@@ -71,8 +72,8 @@ def test_random_size_keeps_aspect_caps_area_and_rounds():
 
 def test_packed_forward_equals_each_image_alone():
     torch.manual_seed(0)
-    for condition in (False, True):
-        model = M.IJEPA(M.JEPAConfig(condition_encoders=condition)).eval()
+    for model_class in (M.IJEPA, ec_ijepa.ConditionedIJEPA):  # conditioning tokens are per image too
+        model = model_class(M.JEPAConfig()).eval()
         cfg = P.PackingConfig.balanced(M.WindowMasking(), rows=2)
         g = torch.Generator().manual_seed(0)
         splits = [P.prepare(x, cfg, M.WindowMasking(), g, y) for x, y in random_images(7, 3)]
@@ -86,12 +87,12 @@ def test_packed_forward_equals_each_image_alone():
                     alone = model(M.MaskedBatch.padded([splits[label]]))
                     mine = out.token_sample == i
                     torch.testing.assert_close(out.token_loss[mine], alone.token_loss, atol=1e-5, rtol=1e-5)
-                    torch.testing.assert_close(out.prediction[out.predict][mine], alone.prediction[alone.predict], atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(out.prediction[out.is_target][mine], alone.prediction[alone.is_target], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_training_lowers_the_loss_like_unpacked():
     images = [(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)), i) for i in range(24)]
-    cfg = P.PackingConfig(side_range=(32, 32), max_area=32 * 32, rows=4, context_len=48, target_len=80)
+    cfg = P.PackingConfig(side_range=(32, 32), max_area=32 * 32, rows=4, context_len=48, hidden_len=80)
     g = torch.Generator().manual_seed(0)
     splits = [P.prepare(x, cfg, M.WindowMasking(), g, y) for x, y in images]
     packer = P.Packer(cfg)
@@ -101,11 +102,11 @@ def test_packed_training_lowers_the_loss_like_unpacked():
     def train(batches):
         torch.manual_seed(0)
         model = M.IJEPA(M.JEPAConfig())
-        opt = torch.optim.AdamW(M.param_groups(model), lr=1e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
         def total():
             with torch.no_grad():
-                return sum(model(b).token_loss.sum() for b in batches) / sum(int(b.predict.sum()) for b in batches)
+                return sum(model(b).token_loss.sum() for b in batches) / sum(int(b.is_target.sum()) for b in batches)
 
         before = total()
         for step in range(25):
@@ -155,10 +156,10 @@ def test_unpacked_stream_sharded_over_ranks_covers_each_image_once():
 
 
 def test_too_large_image_is_refused_or_resized():
-    cfg = P.PackingConfig(side_range=(96, 96), max_area=96 * 96, rows=2, context_len=20, target_len=40)
+    cfg = P.PackingConfig(side_range=(96, 96), max_area=96 * 96, rows=2, context_len=20, hidden_len=40)
     with pytest.raises(ValueError, match="more than a row holds.*fit='resize'"):
         pack([torch.rand(3, 96, 96)], cfg)
-    cfg = P.PackingConfig(side_range=(96, 96), max_area=96 * 96, rows=2, context_len=20, target_len=40, fit="resize")
+    cfg = P.PackingConfig(side_range=(96, 96), max_area=96 * 96, rows=2, context_len=20, hidden_len=40, fit="resize")
     batches = pack([(torch.rand(3, 96, 96), 0)], cfg)
     assert len(batches) == 1 and batches[0].labels.tolist() == [0]
     assert int(batches[0].grids.prod()) <= 60
@@ -166,7 +167,7 @@ def test_too_large_image_is_refused_or_resized():
 
 def test_bad_configs_say_what_to_change():
     with pytest.raises(ValueError, match="cannot hold even the smallest image"):
-        P.PackingConfig(context_len=4, target_len=4)
+        P.PackingConfig(context_len=4, hidden_len=4)
     with pytest.raises(ValueError, match="cannot hold one 16-px window"):
         P.PackingConfig(side_range=(8, 12), min_side=16)
     with pytest.raises(ValueError, match="rows must be at least 1"):

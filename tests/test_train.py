@@ -219,3 +219,26 @@ def test_minutes_sizes_the_schedules_from_timed_steps(monkeypatch):
     assert lrs[1] > 1e-4 * result.config.lr  # 10**9 steps would give 1e-9 of it
     assert lrs[-1] < 0.1 * max(lrs)
     assert result.seconds <= 0.05 * 60 + 0.1  # + the few clock reads after the last step
+
+
+def test_schedules():
+    assert T.lr_at(0, 100, 1e-3, 10) == pytest.approx(1e-4)
+    assert T.lr_at(9, 100, 1e-3, 10) == pytest.approx(1e-3)
+    assert T.lr_at(100, 100, 1e-3, 10, final=1e-6) == pytest.approx(1e-6)
+    assert T.lr_at(55, 100, 1e-3, 10) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert T.weight_decay_at(0, 100) == pytest.approx(0.04) and T.weight_decay_at(100, 100) == pytest.approx(0.4)
+    assert T.ema_momentum_at(0, 100) == pytest.approx(0.998) and T.ema_momentum_at(50, 100) == pytest.approx(0.999)
+    assert T.ema_momentum_at(100, 100) == pytest.approx(1.0)
+
+
+def test_param_groups_exclude_1d_and_mask_token_from_weight_decay():
+    model = M.IJEPA(M.JEPAConfig(feature_norm="dyntanh"))
+    decay, no_decay = T.param_groups(model)
+    decay_ids, no_ids = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
+    assert id(model.predictor.mask_token) in no_ids and id(model.student.norm.alpha) in no_ids
+    assert id(model.student.blocks[0].attn.qkv.weight) in decay_ids
+    assert all(p.ndim >= 2 for p in decay["params"])
+    teacher_ids = {id(p) for p in model.teacher.parameters()}
+    assert not teacher_ids & (decay_ids | no_ids)
+    trainable = {id(p) for p in model.student.parameters()} | {id(p) for p in model.predictor.parameters()}
+    assert decay_ids | no_ids == trainable
