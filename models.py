@@ -227,7 +227,7 @@ def init_weights(module: nn.Module, blocks: nn.ModuleList) -> None:
     """Every Linear: a normal of std 0.02 truncated at +-2 standard deviations (+-0.04, so the
     measured std is 0.0176), zero bias; LayerNorm 1/0; then each block's residual projections
     (attn.proj, mlp.fc2) divided by sqrt(2 * layer), so that deeper residual streams start no
-    larger. (The official training initialises differently: README, "What differs".)"""
+    larger. (The official training initialises differently: benchmarks/README.md, "What differs".)"""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
