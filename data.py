@@ -549,6 +549,10 @@ class SceneDataset(Dataset):
         chunks = [self._chunk(c) for c in range((len(self) + self.chunk - 1) // self.chunk)]
         return torch.cat([c["image"] for c in chunks]).float() / 255, torch.cat([c[label] for c in chunks])
 
+    def depths(self):
+        """Every depth map at once: (N, H, W) float32 (sky = SKY_DEPTH)."""
+        return torch.cat([self._chunk(c)["depth"] for c in range((len(self) + self.chunk - 1) // self.chunk)]).float()
+
 # -----------------------------------------------------------------------------
 # Normalisation with the ImageNet statistics (what pre-trained ViTs expect; fine for scratch too)
 

@@ -1,42 +1,74 @@
-"""Evaluating an encoder: features of every layer, the linear probe, and RankMe.
+"""Evaluating a frozen encoder: features, the linear and k-NN probes, the depth probe, RankMe.
 
 The probe protocol, used everywhere in this project: mean-pool the patch tokens of each block's
-output (before the final norm) and of the final output, standardise the features, fit a
-scikit-learn logistic regression whose regularisation is chosen on a validation split of the
-*training* images, and score once on the test images. The best layer is chosen on validation
-too; the test split never takes part in a choice.
+output (before the encoder's last layer) and of the final output, standardise the features, fit a
+multinomial logistic regression whose regularisation is chosen on a validation split of the
+*training* images, and score once on the test images. The best layer is chosen on validation too;
+the test split never takes part in a choice. Beside it: a k-nearest-neighbour probe (cosine, k = 20)
+and a depth probe (a linear map from each token to its patch's depths).
+
+    python evaluate.py probe --checkpoint checkpoints/demo/checkpoint.pt --dataset scenes --json probe.json
+    python evaluate.py probe --checkpoint CKPT --dataset path/to/folder   # class sub-folders; train/ and test/ if present
+    python evaluate.py depth --checkpoint CKPT --dataset scenes           # or nyu (data/nyu_depth_v2_labeled.mat)
+
+Every run probes, side by side and on the same splits: the checkpoint's teacher and student, the
+same network at its initial weights (re-created from the checkpoint's seed), and raw pixels.
 """
 
-import warnings
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
-from sklearn.preprocessing import StandardScaler
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, f1_score
+from tqdm import tqdm
+
+import data
+import models as M
+
+# -----------------------------------------------------------------------------------------------
+# 1. Features
 
 
 @torch.no_grad()
-def layer_features(encoder, images: torch.Tensor, batch_size: int = 256, normalize=None) -> list:
+def layer_features(encoder, images: torch.Tensor, batch_size: int = 256, normalize=None, progress=False) -> list:
     """Mean-pooled tokens of every block and of the final output, for all images.
 
     images (N, C, H, W) -> list of depth + 1 float32 arrays (N, D): blocks 1..depth (before the
-    final norm), then the final output (after it). `normalize` is applied to each image batch
-    first (e.g. data.normalize)."""
+    encoder's last layer), then the final output (after it). `normalize` is applied to each image
+    batch first (e.g. data.normalize). The encoder's own `encode` is used, so an encoder that
+    encodes in its own way (ec_ijepa.py) is probed as it encodes."""
+    return [torch.cat(chunks).numpy() for chunks in zip(*_batched_layers(encoder, images, batch_size, normalize, progress,
+                                                                          lambda t: t.float().mean(1).cpu()))]
+
+
+@torch.no_grad()
+def token_features(encoder, images: torch.Tensor, batch_size: int = 256, normalize=None, progress=False) -> list:
+    """Like `layer_features` but every token kept: a list of depth + 1 tensors (N, h*w, D), raster order."""
+    return [torch.cat(chunks) for chunks in zip(*_batched_layers(encoder, images, batch_size, normalize, progress,
+                                                                  lambda t: t.float().cpu()))]
+
+
+def _batched_layers(encoder, images, batch_size, normalize, progress, reduce):
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
-    per_layer = None
-    for i in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for i in tqdm(starts, desc="features", disable=not progress or len(starts) < 4, mininterval=5):
         x = images[i:i + batch_size].to(device)
-        x = normalize(x) if normalize else x
-        out, layers = encoder.encode(x, return_layers=True)
-        pooled = [t.float().mean(1).cpu() for t in (*layers, out)]  # each (b, D)
-        per_layer = [[p] for p in pooled] if per_layer is None else [acc + [p] for acc, p in zip(per_layer, pooled)]
+        out, layers = encoder.encode(normalize(x) if normalize else x, return_layers=True)
+        yield [reduce(t) for t in (*layers, out)]
     encoder.train(was_training)
-    return [torch.cat(chunks).numpy() for chunks in per_layer]
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. The linear probe and the k-NN probe
 
 
 @dataclass
@@ -46,45 +78,103 @@ class ProbeResult:
     C: float  # chosen inverse regularisation strength
     val_top1: float  # accuracy on the validation split at that C
     predictions: np.ndarray  # test predictions, for confusion matrices
-    converged: bool  # False when a fit stopped at max_iter (common for raw pixels: thousands of features)
+    converged: bool  # False when a fit stopped at max_iter
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter: int = 1000, tol: float = 1e-4,
+                 start=None):
+    """Multinomial logistic regression, full batch, by L-BFGS. The objective is scikit-learn's
+    (C x the summed log-loss + half the squared norm of the weights, the bias unpenalised), divided
+    by the number of samples, so the minimum is the same; so is the stopping rule (the largest
+    gradient component below `tol`, scikit-learn's default 1e-4). `start` (weights, bias) warm-starts
+    the search; the problem is convex, so the optimum does not depend on it. Returns (weights, bias,
+    converged)."""
+    n, d = x.shape
+    W = torch.zeros(d, n_classes, dtype=x.dtype) if start is None else start[0].clone()
+    b = torch.zeros(n_classes, dtype=x.dtype) if start is None else start[1].clone()
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ W + b, y, reduction="mean") + (W * W).sum() / (2 * C * n)
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    return W.detach(), b.detach(), opt.state[opt._params[0]]["n_iter"] < max_iter
+
+
+def _standardise(fit_x, *others):
+    mean, std = fit_x.mean(0), fit_x.std(0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))  # constant features stay zero, as in scikit-learn
+    return [(x - mean) / std for x in (fit_x, *others)]
+
+
+def _row_space(x_fit, x_eval):
+    """With more features than samples (raw pixels), the L2-penalised optimum lies in the span of
+    the training rows: express both sets in an orthonormal basis of it (x_fit = R^T Q^T). The
+    objective, and so the fit, is unchanged (the basis is orthonormal); each step costs n x n
+    instead of n x d."""
+    n, d = x_fit.shape
+    if d <= n:
+        return x_fit, x_eval
+    Q, _ = torch.linalg.qr(x_fit.T)  # (d, n), orthonormal columns
+    return x_fit @ Q, x_eval @ Q
 
 
 def linear_probe(train_x, train_y, test_x, test_y, val_fraction: float = 0.2,
                  Cs=(0.01, 0.1, 1.0, 10.0), seed: int = 0, max_iter: int = 1000) -> ProbeResult:
     """Logistic regression on standardised features; C chosen on a held-out part of the training
-    set, then refit on the whole training set and scored once on the test set. A fit that stops at
-    `max_iter` is reported in `converged` rather than by a warning per fit."""
-    train_x, test_x = np.asarray(train_x, dtype=np.float64), np.asarray(test_x, dtype=np.float64)
-    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    set, then refit on the whole training set and scored once on the test set."""
+    train_x, test_x = torch.as_tensor(np.asarray(train_x), dtype=torch.float64), torch.as_tensor(np.asarray(test_x), dtype=torch.float64)
+    train_y, test_y = torch.as_tensor(np.asarray(train_y)).long(), torch.as_tensor(np.asarray(test_y)).long()
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError("features and labels differ in length")
-    order = np.random.default_rng(seed).permutation(len(train_x))
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(train_x)))
     n_val = max(1, int(round(val_fraction * len(train_x))))
     val, fit = order[:n_val], order[n_val:]
-
     converged = True
 
-    def fitted(x, y, C):
-        nonlocal converged
-        scaler = StandardScaler().fit(x)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            clf = LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(x), y)
-        converged &= not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        for w in caught:  # anything else is passed on
-            if not issubclass(w.category, ConvergenceWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return scaler, clf
+    start = None
 
-    scores = []
-    for C in Cs:
-        scaler, clf = fitted(train_x[fit], train_y[fit], C)
-        scores.append(float((clf.predict(scaler.transform(train_x[val])) == train_y[val]).mean()))
+    def predict(x_fit, y_fit, x_eval, C):
+        nonlocal converged, start
+        W, b, ok = fit_logistic(x_fit, y_fit, n_classes, C, max_iter, start=start)
+        converged &= ok
+        start = (W, b)  # the next C (in increasing order) starts from here: fewer steps, the same optimum
+        return (x_eval @ W + b).argmax(1)
+
+    x_fit, x_val = _row_space(*_standardise(train_x[fit], train_x[val]))
+    scores = [float((predict(x_fit, train_y[fit], x_val, C) == train_y[val]).double().mean()) for C in Cs]
+    start = None  # the refit works in another basis
     best = int(np.argmax(scores))
-    scaler, clf = fitted(train_x, train_y, Cs[best])
-    pred = clf.predict(scaler.transform(test_x))
+    x_train, x_test = _row_space(*_standardise(train_x, test_x))
+    pred = predict(x_train, train_y, x_test, Cs[best]).numpy()
+    test_y = test_y.numpy()
     return ProbeResult(top1=float((pred == test_y).mean()), macro_f1=float(f1_score(test_y, pred, average="macro")),
                        C=Cs[best], val_top1=scores[best], predictions=pred, converged=converged)
+
+
+def knn_predict(train_x, train_y, query_x, k: int = 20) -> np.ndarray:
+    """Majority vote of the k training points of highest cosine similarity (ties: the class whose
+    votes have the larger summed similarity)."""
+    a = F.normalize(torch.as_tensor(np.asarray(train_x), dtype=torch.float32), dim=1)
+    q = F.normalize(torch.as_tensor(np.asarray(query_x), dtype=torch.float32), dim=1)
+    y = torch.as_tensor(np.asarray(train_y)).long()
+    sim, idx = (q @ a.T).topk(min(k, len(a)), dim=1)  # (Q, k)
+    n_classes = int(y.max()) + 1
+    votes = torch.zeros(len(q), n_classes).scatter_add_(1, y[idx], torch.ones_like(sim))
+    weight = torch.zeros(len(q), n_classes).scatter_add_(1, y[idx], sim)
+    return (votes + 1e-3 * weight / (weight.abs().max() + 1e-12)).argmax(1).numpy()
+
+
+def knn_probe(train_x, train_y, test_x, test_y, k: int = 20) -> float:
+    """Top-1 accuracy of `knn_predict` on the test set."""
+    return float((knn_predict(train_x, train_y, test_x, k) == np.asarray(test_y)).mean())
 
 
 @dataclass
@@ -92,6 +182,7 @@ class LayerProbe:
     layer: int  # 1..depth for blocks, depth + 1 for the final output
     result: ProbeResult
     val_by_layer: list  # validation accuracy of every layer
+    test_by_layer: list  # test accuracy of every layer (reported, never used to choose)
 
 
 def probe_best_layer(train_layers: list, train_y, test_layers: list, test_y, seed: int = 0, **kwargs) -> LayerProbe:
@@ -99,12 +190,159 @@ def probe_best_layer(train_layers: list, train_y, test_layers: list, test_y, see
     results = [linear_probe(a, train_y, b, test_y, seed=seed, **kwargs) for a, b in zip(train_layers, test_layers)]
     val = [r.val_top1 for r in results]
     best = int(np.argmax(val))
-    return LayerProbe(layer=best + 1, result=results[best], val_by_layer=val)
+    return LayerProbe(layer=best + 1, result=results[best], val_by_layer=val, test_by_layer=[r.top1 for r in results])
 
 
 def standard_error(accuracy: float, n: int) -> float:
     """Binomial standard error of an accuracy measured on n test images."""
     return float(np.sqrt(accuracy * (1 - accuracy) / n))
+
+
+def probe_features(train_layers: list, train_y, test_layers: list, test_y, seed: int = 0, concat_last: int = 4) -> dict:
+    """The whole classification probe of one encoder (or of raw pixels: a list of one array):
+    linear probe per layer (best on validation), on the concatenation of the last `concat_last`
+    blocks, and k-NN per layer (best on validation, on a validation split of the training set)."""
+    best = probe_best_layer(train_layers, train_y, test_layers, test_y, seed=seed)
+    out = {"best_top1": best.result.top1, "best_layer": best.layer, "macro_f1": best.result.macro_f1,
+           "per_layer_top1": best.test_by_layer, "predictions": best.result.predictions,
+           "stderr": standard_error(best.result.top1, len(test_y))}
+    blocks = len(train_layers) - 1
+    if blocks >= concat_last:
+        cat = lambda layers: np.concatenate(layers[blocks - concat_last:blocks], axis=1)  # noqa: E731
+        out["concat_top1"] = linear_probe(cat(train_layers), train_y, cat(test_layers), test_y, seed=seed).top1
+    order = np.random.default_rng(seed).permutation(len(train_y))
+    n_val = max(1, len(order) // 5)
+    val, fit = order[:n_val], order[n_val:]
+    train_y = np.asarray(train_y)
+    knn_val = [knn_probe(a[fit], train_y[fit], a[val], train_y[val]) for a in train_layers]
+    k_best = int(np.argmax(knn_val))
+    out["knn_layer"] = k_best + 1
+    out["knn_top1"] = knn_probe(train_layers[k_best], train_y, test_layers[k_best], test_y)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. A cache of features, keyed by what made them
+
+
+FEATURES_VERSION = 1  # raise when the feature extraction changes: every cached file becomes stale
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def cached(cache_dir, key: dict, compute):
+    """compute() once per key: the key (checkpoint digest, encoder, dataset, split, sizes...) names
+    the file, so features of another checkpoint or dataset are never read back. No cache_dir: compute."""
+    if not cache_dir:
+        return compute()
+    name = hashlib.sha256(json.dumps({**key, "version": FEATURES_VERSION}, sort_keys=True).encode()).hexdigest()[:20]
+    path = os.path.join(cache_dir, f"features-{name}.pt")
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == {**key, "version": FEATURES_VERSION}:
+            return saved["value"]
+    value = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    torch.save({"key": {**key, "version": FEATURES_VERSION}, "value": value}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return value
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. The depth probe
+
+
+def patch_targets(depth: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, H, W) depth maps -> (N, h*w, p*p): each token's patch of depths, raster order."""
+    N, H, W = depth.shape
+    p = patch_size
+    return depth.reshape(N, H // p, p, W // p, p).permute(0, 1, 3, 2, 4).reshape(N, (H // p) * (W // p), p * p)
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float):
+    """Least squares with an L2 penalty `alpha` on the weights (not the bias): x (n, d), y (n, k) ->
+    a function mapping features to predictions."""
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    xc = x - mean_x
+    W = torch.linalg.solve(xc.T @ xc + alpha * len(x) * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ (y - mean_y))
+    return lambda z: (z - mean_x) @ W + mean_y
+
+
+def align_scale_shift(pred: torch.Tensor, true: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per image, the scale s and shift t minimising sum over valid pixels of (s pred + t - true)^2,
+    applied: (N, H, W) -> (N, H, W)."""
+    w = valid.double()
+    n = w.sum((1, 2)).clamp(min=1)
+    p, t = pred.double(), true.double()
+    mp, mt = (p * w).sum((1, 2)) / n, (t * w).sum((1, 2)) / n
+    cov = ((p - mp[:, None, None]) * (t - mt[:, None, None]) * w).sum((1, 2))
+    var = (((p - mp[:, None, None]) ** 2) * w).sum((1, 2)).clamp(min=1e-12)
+    s = cov / var
+    return (s[:, None, None] * (p - mp[:, None, None]) + mt[:, None, None]).float()
+
+
+def depth_metrics(pred: torch.Tensor, true: torch.Tensor, valid: torch.Tensor) -> dict:
+    """AbsRel, RMSE and delta < 1.25 over the valid pixels of each image, after a per-image
+    least-squares scale-and-shift alignment of the prediction; means over images, with their
+    standard errors."""
+    aligned = align_scale_shift(pred, true, valid).clamp(min=1e-3)
+    w = valid.float()
+    n = w.sum((1, 2)).clamp(min=1)
+    absrel = ((aligned - true).abs() / true * w).sum((1, 2)) / n
+    rmse = (((aligned - true) ** 2 * w).sum((1, 2)) / n).sqrt()
+    delta = ((torch.maximum(aligned / true, true / aligned) < 1.25).float() * w).sum((1, 2)) / n
+    out = {}
+    for name, v in (("absrel", absrel), ("rmse", rmse), ("delta1", delta)):
+        out[name] = float(v.mean())
+        out[f"{name}_se"] = float(v.std() / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    return out
+
+
+def depth_probe(train_tokens: list, train_depth, test_tokens: list, test_depth, patch_size: int,
+                valid_fn, alphas=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """A linear map from each token to its patch's p x p depths, fitted by ridge regression on one
+    layer's tokens (a list of (N, h*w, D) per layer; layer and alpha chosen on a validation part of
+    the training images by mean squared error), scored once on the test images with `depth_metrics`.
+    `valid_fn(depth)` marks the pixels that count (e.g. not sky)."""
+    N = len(train_depth)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(N))
+    n_val = max(1, int(round(val_fraction * N)))
+    val, fit = order[:n_val], order[n_val:]
+    targets = patch_targets(train_depth, patch_size).double()  # (N, T, p*p)
+    flat = lambda t, idx: t[idx].reshape(-1, t.shape[-1]).double()  # noqa: E731
+
+    best = None
+    for layer, tokens in enumerate(train_tokens, start=1):
+        for alpha in alphas:
+            head = fit_ridge(flat(tokens, fit), flat(targets, fit), alpha)
+            mse = float(((head(flat(tokens, val)) - flat(targets, val)) ** 2).mean())
+            if best is None or mse < best[0]:
+                best = (mse, layer, alpha)
+    _, layer, alpha = best
+    head = fit_ridge(flat(train_tokens[layer - 1], torch.arange(N)), flat(targets, torch.arange(N)), alpha)
+    M_, T_, _ = test_tokens[layer - 1].shape
+    H, W = test_depth.shape[1:]
+    pred = head(test_tokens[layer - 1].reshape(-1, test_tokens[layer - 1].shape[-1]).double()).float()
+    pred = pred.reshape(M_, H // patch_size, W // patch_size, patch_size, patch_size).permute(0, 1, 3, 2, 4).reshape(M_, H, W)
+    return {"layer": layer, "alpha": alpha, "val_mse": best[0], "prediction": pred,
+            **depth_metrics(pred, test_depth, valid_fn(test_depth))}
+
+
+def position_mean_depth(train_depth: torch.Tensor, test_depth: torch.Tensor, valid_fn) -> dict:
+    """The baseline that knows only where a pixel is: every test image gets the training images'
+    mean depth at each pixel position (the scenes have a horizon, so this alone gets far)."""
+    pred = train_depth.mean(0, keepdim=True).expand_as(test_depth)
+    return {"prediction": pred, **depth_metrics(pred, test_depth, valid_fn(test_depth))}
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. RankMe
 
 
 def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
@@ -124,3 +362,253 @@ def image_rankme(encoder, images: torch.Tensor) -> float:
     embeddings = encoder.eval().encode(images).float().mean(1)  # (N, D)
     encoder.train(was_training)
     return rankme(embeddings)
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. The supervised ceiling
+
+
+def supervised_ceiling(train_x, train_y, test_x, test_y, classes, minutes, patch, seed=0, batch=128, lr=1e-3):
+    """The supervised ceiling: the same `micro` encoder with a linear head on its mean-pooled
+    output, trained on the labels for `minutes` (cosine learning rate over the time budget, AdamW,
+    no augmentation). Returns (test top-1, steps taken)."""
+    torch.manual_seed(seed)
+    encoder = M.VisionTransformer(M.JEPAConfig(model="micro", patch_size=patch).encoder_config())
+    head = torch.nn.Linear(encoder.cfg.dim, classes)
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(seed)
+    start, steps = time.perf_counter(), 0
+    budget = minutes * 60
+    while (elapsed := time.perf_counter() - start) < budget:
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * elapsed / budget))
+        idx = torch.randint(len(train_x), (batch,), generator=g)
+        logits = head(encoder.encode(data.normalize(train_x[idx])).mean(1))
+        loss = F.cross_entropy(logits, train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+    encoder.eval()
+    with torch.no_grad():
+        pred = torch.cat([head(encoder.encode(data.normalize(test_x[i:i + 256])).mean(1)).argmax(1)
+                          for i in range(0, len(test_x), 256)])
+    return float((pred == test_y).float().mean()), steps
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Command line: probe a checkpoint
+
+
+def checkpoint_encoders(path: str) -> tuple:
+    """{teacher, student, random_init} encoders of a checkpoint, and its TrainConfig. Random init is
+    the same network at its exact initial weights: train.train seeds with cfg.seed right before
+    building the model, and so does this."""
+    import train as T  # here, not at the top: train.py imports this module
+    model, cfg = T.model_from_checkpoint(path)
+    torch.manual_seed(cfg.seed)
+    initial = T.build_model(cfg)
+    return {"teacher": model.teacher, "student": model.student, "random_init": initial.teacher}, cfg
+
+
+def probe_splits(dataset: str, resolution: int, n_train: int, n_test: int, seed: int = 0):
+    """(train images, {label: labels}, test images, {label: labels}, label names) of a dataset: the
+    built-in scenes (train and test splits, labels shape, count, distance), or a folder / stl10 /
+    cifar10 (its train and test splits; a folder without train/ and test/ sub-folders is split 80/20
+    by a seeded shuffle). Sizes cap the number of images (a fixed random subset)."""
+    if dataset == "scenes":
+        tr = data.SceneDataset(n_train, resolution=resolution, split="train", seed=seed)
+        te = data.SceneDataset(n_test, resolution=resolution, split="test", seed=seed)
+        return (tr.tensors()[0], {k: tr.tensors(k)[1] for k in data.LABELS},
+                te.tensors()[0], {k: te.tensors(k)[1] for k in data.LABELS}, list(data.LABELS))
+
+    def stack(ds):
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        labels = torch.tensor([int(ds[i]["label"]) for i in range(len(ds))])
+        return images, labels
+
+    has_splits = not os.path.isdir(dataset) or all(os.path.isdir(os.path.join(dataset, s)) for s in ("train", "test"))
+    if has_splits:
+        tr = data.get_dataset(dataset, split="train", resolution=resolution, num_images=n_train, seed=seed)
+        te = data.get_dataset(dataset, split="test", resolution=resolution, num_images=n_test, seed=seed)
+        (x_tr, y_tr), (x_te, y_te) = stack(tr), stack(te)
+    else:
+        x, y = stack(data.get_dataset(dataset, split="train", resolution=resolution))
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        cut = int(0.8 * len(x))
+        x_tr, y_tr, x_te, y_te = x[order[:cut]][:n_train], y[order[:cut]][:n_train], x[order[cut:]][:n_test], y[order[cut:]][:n_test]
+    if (y_tr < 0).all():
+        raise ValueError(f"dataset {dataset!r} has no class labels to probe (every label is -1)")
+    return x_tr, {"class": y_tr}, x_te, {"class": y_te}, ["class"]
+
+
+def checkpoint_features(checkpoint: str, dataset: str = "scenes", n_train: int = 4000, n_test: int = 2000,
+                        cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True) -> dict:
+    """Everything a probe of a checkpoint needs: the mean-pooled features of every layer of its
+    teacher, student and random init (cached by checkpoint digest, dataset and sizes) and raw pixels,
+    for the train and test images, with their labels."""
+    encoders, cfg = checkpoint_encoders(checkpoint)
+    x_tr, ys_tr, x_te, ys_te, names = probe_splits(dataset, cfg.resolution, n_train, n_test, cfg.seed)
+    digest = file_digest(checkpoint)
+    features = {}
+    for name, encoder in encoders.items():
+        made_by = digest if name != "random_init" else \
+            f"init:{cfg.model}:{cfg.seed}:{cfg.patch_size}:{cfg.feature_norm}:{cfg.condition_encoders}"
+        key = dict(checkpoint=made_by, encoder=name, dataset=os.path.abspath(dataset) if os.path.isdir(dataset) else dataset,
+                   resolution=cfg.resolution, n_train=len(x_tr), n_test=len(x_te), seed=cfg.seed)
+        features[name] = cached(cache_dir, key, lambda enc=encoder: (
+            layer_features(enc, x_tr, normalize=data.normalize, progress=progress),
+            layer_features(enc, x_te, normalize=data.normalize, progress=progress)))
+    if pixels:
+        features["pixels"] = ([x_tr.flatten(1).numpy()], [x_te.flatten(1).numpy()])
+    return dict(features=features, train_labels=ys_tr, test_labels=ys_te, labels=names, config=cfg,
+                train_images=x_tr, test_images=x_te)
+
+
+def probe_all(features: dict, train_labels: dict, test_labels: dict, labels: list, seed: int = 0,
+              progress: bool = True) -> dict:
+    """`probe_features` for every encoder (and pixels) and every label: {label: {encoder: results}}."""
+    results = {}
+    for label in labels:
+        y_tr, y_te = np.asarray(train_labels[label]), np.asarray(test_labels[label])
+        row = {"chance": float(np.bincount(y_te).max() / len(y_te)), "n_train": len(y_tr), "n_test": len(y_te)}
+        for name, (a, b) in tqdm(features.items(), desc=f"probe {label}", disable=not progress, mininterval=5):
+            row[name] = probe_features(a, y_tr, b, y_te, seed=seed)
+            if name == "pixels":
+                row[name]["best_layer"] = None
+        results[label] = row
+    return results
+
+
+def run_probe(checkpoint: str, dataset: str = "scenes", n_train: int = 4000, n_test: int = 2000, labels=None,
+              cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True) -> dict:
+    """The full classification probe of a checkpoint on a dataset: {label: {encoder: results}}."""
+    got = checkpoint_features(checkpoint, dataset, n_train, n_test, cache_dir, pixels, progress)
+    labels = labels or got["labels"]
+    unknown = set(labels) - set(got["labels"])
+    if unknown:
+        raise ValueError(f"labels {sorted(unknown)} are not labels of {dataset!r}: choose from {got['labels']}")
+    return probe_all(got["features"], got["train_labels"], got["test_labels"], labels, got["config"].seed, progress)
+
+
+def draw_confusion(results: dict, label: str, encoder: str, y_test, path, class_names=None):
+    """Confusion matrix and per-class accuracy of one probe, as a figure."""
+    import matplotlib.pyplot as plt
+    pred = results[label][encoder]["predictions"]
+    cm = confusion_matrix(y_test, pred)
+    per_class = cm.diagonal() / cm.sum(1).clip(min=1)
+    names = class_names or [str(k) for k in range(len(cm))]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.imshow(cm, cmap="Blues")
+    for i in range(len(cm)):
+        for j in range(len(cm)):
+            a.text(j, i, cm[i, j], ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    a.set_xticks(range(len(cm)), names, rotation=30)
+    a.set_yticks(range(len(cm)), names)
+    a.set_xlabel("predicted")
+    a.set_ylabel("true")
+    a.set_title(f"{encoder}, {label}: confusion matrix")
+    b.bar(names, per_class, color="tab:blue")
+    b.set_ylim(0, 1)
+    b.set_title("per-class accuracy")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def print_probe_table(results: dict) -> None:
+    for label, row in results.items():
+        print(f"\n{label} (chance {row['chance']:.3f}; {row['n_train']} train / {row['n_test']} test)")
+        print(f"{'encoder':<12}{'linear':>8}{'+-se':>7}{'layer':>7}{'concat-4':>10}{'k-NN':>8}{'macro-F1':>10}")
+        for name in ("teacher", "student", "random_init", "pixels"):
+            if name not in row:
+                continue
+            r = row[name]
+            concat = f"{r['concat_top1']:.3f}" if "concat_top1" in r else "-"
+            print(f"{name:<12}{r['best_top1']:>8.3f}{r['stderr']:>7.3f}{str(r['best_layer'] or '-'):>7}{concat:>10}"
+                  f"{r['knn_top1']:>8.3f}{r['macro_f1']:>10.3f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("probe", help="linear and k-NN probes of teacher, student, random init and pixels")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", default="scenes", help="scenes, stl10, cifar10, or a folder of class sub-folders")
+    p.add_argument("--labels", nargs="+", help="labels to probe (scenes: shape count distance)")
+    p.add_argument("--train", type=int, default=4000, help="labelled training images (at most)")
+    p.add_argument("--test", type=int, default=2000, help="test images (at most)")
+    p.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel probe")
+    p.add_argument("--cache", default="data/feature-cache", help="folder for cached features ('' for none)")
+    p.add_argument("--json", help="write the results here")
+    d = sub.add_parser("depth", help="depth from frozen features: teacher, random init, pixels, per-position mean")
+    d.add_argument("--checkpoint", required=True)
+    d.add_argument("--dataset", default="scenes", choices=["scenes", "nyu"])
+    d.add_argument("--train", type=int, default=2000)
+    d.add_argument("--test", type=int, default=500)
+    d.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    try:
+        if not os.path.isfile(args.checkpoint):
+            raise FileNotFoundError(f"no checkpoint at {args.checkpoint!r}: train one with python train.py, or give its path")
+        if args.command == "probe":
+            results = run_probe(args.checkpoint, args.dataset, args.train, args.test, args.labels,
+                                args.cache or None, not args.no_pixels)
+            print_probe_table(results)
+            out = {label: {k: ({m: v for m, v in r.items() if m != "predictions"} if isinstance(r, dict) else r)
+                           for k, r in row.items()} for label, row in results.items()}
+        else:
+            out = run_depth(args.checkpoint, args.dataset, args.train, args.test)
+            print_depth_table(out)
+            out = {k: ({m: v for m, v in r.items() if m != "prediction"} if isinstance(r, dict) else r)
+                   for k, r in out.items() if k != "test"}
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+        print(f"\nwritten: {args.json}")
+    return 0
+
+
+def depth_data(dataset: str, resolution: int, n_train: int, n_test: int, seed: int = 0):
+    """(train images, train depths, test images, test depths, valid_fn) of scenes or NYU Depth v2."""
+    if dataset == "scenes":
+        tr = data.SceneDataset(n_train, resolution=resolution, split="train", seed=seed)
+        te = data.SceneDataset(n_test, resolution=resolution, split="test", seed=seed)
+        return tr.tensors()[0], tr.depths(), te.tensors()[0], te.depths(), lambda depth: depth < data.SKY_DEPTH
+    tr, te = data.nyu_depth("train", resolution), data.nyu_depth("test", resolution)
+    return (tr.images.float()[:n_train] / 255, tr.depths[:n_train], te.images.float()[:n_test] / 255, te.depths[:n_test],
+            lambda depth: depth > 0)
+
+
+def run_depth(checkpoint: str, dataset: str = "scenes", n_train: int = 2000, n_test: int = 500, progress=True) -> dict:
+    """The depth probe of a checkpoint's teacher beside random init, raw pixels and the per-position mean."""
+    encoders, cfg = checkpoint_encoders(checkpoint)
+    x_tr, d_tr, x_te, d_te, valid_fn = depth_data(dataset, cfg.resolution, n_train, n_test, cfg.seed)
+    p = cfg.patch_size
+    out = {"n_train": len(x_tr), "n_test": len(x_te)}
+    for name in ("teacher", "random_init"):
+        tok = lambda x: token_features(encoders[name], x, normalize=data.normalize, progress=progress)  # noqa: E731
+        out[name] = depth_probe(tok(x_tr), d_tr, tok(x_te), d_te, p, valid_fn, seed=cfg.seed)
+    pix = lambda x: [M.patchify(x, p)]  # noqa: E731
+    out["pixels"] = depth_probe(pix(x_tr), d_tr, pix(x_te), d_te, p, valid_fn, seed=cfg.seed)
+    out["position_mean"] = position_mean_depth(d_tr, d_te, valid_fn)
+    out["test"] = {"images": x_te, "depth": d_te, "valid": valid_fn(d_te)}  # for pictures
+    return out
+
+
+def print_depth_table(out: dict) -> None:
+    print(f"\ndepth probe ({out['n_train']} train / {out['n_test']} test images; per-image scale-and-shift "
+          f"alignment; valid pixels only)")
+    print(f"{'model':<15}{'AbsRel':>9}{'RMSE':>9}{'d<1.25':>9}{'layer':>7}")
+    for name in ("teacher", "random_init", "pixels", "position_mean"):
+        r = out[name]
+        print(f"{name:<15}{r['absrel']:>9.4f}{r['rmse']:>9.3f}{r['delta1']:>9.3f}{str(r.get('layer', '-')):>7}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -230,13 +230,26 @@ def _plain(v):
 def model_from_checkpoint(path: str, device="cpu") -> tuple:
     """(IJEPA with the checkpoint's weights, its TrainConfig) — for notebooks and scripts."""
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"config", "student", "teacher", "predictor"} <= ckpt.keys():
+        raise ValueError(f"{path!r} is not a checkpoint of train.py (it needs config, student, teacher and predictor)")
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
     model = build_model(cfg)
-    model.student.load_state_dict(ckpt["student"])
-    model.teacher.load_state_dict(ckpt["teacher"])
-    model.predictor.load_state_dict(ckpt["predictor"])
+    try:
+        for part in ("student", "teacher", "predictor"):
+            getattr(model, part).load_state_dict(ckpt[part])
+    except RuntimeError as e:
+        raise ValueError(f"{path!r}: the weights do not fit the configuration stored with them ({str(e).splitlines()[0]}); "
+                         f"the file was written by another version of this code: train it again") from e
     return model.to(device), cfg
+
+
+def checkpoint_or_train(path: str, cfg: TrainConfig) -> str:
+    """`path` if it exists; otherwise train `cfg` into path's folder first, and say so."""
+    if not os.path.exists(path):
+        print(f"no checkpoint at {path}: training one now ({cfg.steps} steps of {cfg.model} into {os.path.dirname(path)})")
+        train(TrainConfig(**{**asdict(cfg), "out": os.path.dirname(path)}))
+    return path
 
 
 # -----------------------------------------------------------------------------------------------

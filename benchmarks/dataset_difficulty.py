@@ -21,40 +21,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import models as M  # noqa: E402
-
-
-def supervised_ceiling(train_x, train_y, test_x, test_y, classes, minutes, patch, seed=0, batch=128, lr=1e-3):
-    """Train a micro encoder + linear head on the labels for `minutes`; return test top-1.
-    Cosine learning rate over the time budget; AdamW; no augmentation."""
-    torch.manual_seed(seed)
-    encoder = M.VisionTransformer(M.JEPAConfig(model="micro", patch_size=patch).encoder_config())
-    head = torch.nn.Linear(encoder.cfg.dim, classes)
-    params = list(encoder.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    g = torch.Generator().manual_seed(seed)
-    start, steps = time.perf_counter(), 0
-    budget = minutes * 60
-    while (elapsed := time.perf_counter() - start) < budget:
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * elapsed / budget))
-        idx = torch.randint(len(train_x), (batch,), generator=g)
-        logits = head(encoder.encode(data.normalize(train_x[idx])).mean(1))
-        loss = F.cross_entropy(logits, train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
-    encoder.eval()
-    with torch.no_grad():
-        pred = torch.cat([head(encoder.encode(data.normalize(test_x[i:i + 256])).mean(1)).argmax(1)
-                          for i in range(0, len(test_x), 256)])
-    return float((pred == test_y).float().mean()), steps
 
 
 def colour_statistics(images):
@@ -94,7 +65,7 @@ def main():
         row["pixels"] = E.linear_probe(pix_train, y_train[:n].numpy(), pix_test, y_test.numpy()).top1
         best = E.probe_best_layer(rand_train, y_train[:n].numpy(), rand_test, y_test.numpy())
         row["random_init"], row["random_init_layer"] = best.result.top1, best.layer
-        row["supervised"], row["supervised_steps"] = supervised_ceiling(
+        row["supervised"], row["supervised_steps"] = E.supervised_ceiling(
             train_x, y_train, test_x, y_test, data.num_classes(label), args.minutes, args.patch)
         if label == "shape":
             row["color_stats"] = E.linear_probe(colour_statistics(train_x[:n]), y_train[:n].numpy(),

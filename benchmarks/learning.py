@@ -10,6 +10,7 @@ encoder learned something.
     python benchmarks/learning.py --minutes 3 --json   # a time budget instead of a number of steps
     python benchmarks/learning.py --set batch_size=64 lr=3e-3 --labels shape --no-pixels   # try a change
     python benchmarks/learning.py --set steps=600 --labels shape   # another length
+    python benchmarks/learning.py --checkpoint checkpoints/demo/checkpoint.pt --json   # probe a trained checkpoint
 """
 
 import argparse
@@ -17,15 +18,12 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
-
-import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
-import models as M  # noqa: E402
 import train as T  # noqa: E402
 
 
@@ -63,46 +61,48 @@ def main():
                     help="change the recipe: train.TrainConfig fields, e.g. batch_size=64 lr=3e-3 ema=0.998,1.0")
     ap.add_argument("--labels", nargs="+", default=list(data.LABELS), choices=data.LABELS)
     ap.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel probe (the slowest part)")
+    ap.add_argument("--checkpoint", help="probe this checkpoint of train.py instead of training one")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    changes = recipe_changes(args.set)
-    if {"steps", "epochs", "minutes"} & changes.keys():
-        length = {}  # --set steps=N (or epochs, minutes) gives the length
+    if args.checkpoint:  # probe a given checkpoint, no training
+        cfg = T.model_from_checkpoint(args.checkpoint)[1]
+        trained = T.load_checkpoint(args.checkpoint)
+        steps, total, seconds, minutes, final_loss = trained["step"], trained["total_steps"], 0.0, 0.0, None
+        checkpoint = args.checkpoint
     else:
-        length = {"steps": T.DEMO_STEPS} if args.minutes is None else {"minutes": args.minutes}
-    cfg = T.TrainConfig(out=args.out, seed=args.seed, **length, **changes)
-    t0 = time.perf_counter()
-    result = T.train(cfg, progress=not args.json)
-    minutes = (time.perf_counter() - t0) / 60
-    torch.manual_seed(cfg.seed)  # train() builds its model right after this same seeding
-    initial = M.IJEPA(cfg.jepa_config())
+        changes = recipe_changes(args.set)
+        if {"steps", "epochs", "minutes"} & changes.keys():
+            length = {}  # --set steps=N (or epochs, minutes) gives the length
+        else:
+            length = {"steps": T.DEMO_STEPS} if args.minutes is None else {"minutes": args.minutes}
+        out = args.out or tempfile.mkdtemp(prefix="learning-")
+        cfg = T.TrainConfig(out=out, seed=args.seed, **length, **changes)
+        t0 = time.perf_counter()
+        result = T.train(cfg, progress=not args.json)
+        minutes = (time.perf_counter() - t0) / 60
+        steps, total, seconds, final_loss = result.steps, result.total_steps, result.seconds, result.losses[-1]
+        checkpoint = os.path.join(out, "checkpoint.pt")
 
-    train_set = data.SceneDataset(args.probe_train, resolution=cfg.resolution, split="train", seed=cfg.seed)
-    test_set = data.SceneDataset(args.probe_test, resolution=cfg.resolution, split="test", seed=cfg.seed)
-    train_images, _ = train_set.tensors()
-    test_images, _ = test_set.tensors()
-    encoders = {"teacher": result.model.teacher, "student": result.model.student, "random_init": initial.teacher}
-    feats = {name: (E.layer_features(enc, train_images, normalize=data.normalize),
-                    E.layer_features(enc, test_images, normalize=data.normalize)) for name, enc in encoders.items()}
-    pixels = (train_images.flatten(1).numpy(), test_images.flatten(1).numpy())
-
+    # the project's probe (evaluate.py), on teacher, student, random init (re-created from the seed) and pixels
+    got = E.checkpoint_features(checkpoint, "scenes", args.probe_train, args.probe_test, cache_dir=None,
+                                pixels=not args.no_pixels, progress=not args.json)
+    results = E.probe_all(got["features"], got["train_labels"], got["test_labels"], args.labels, cfg.seed,
+                          progress=not args.json)
     table = {}
-    for label in args.labels:
-        y_train, y_test = train_set.tensors(label)[1].numpy(), test_set.tensors(label)[1].numpy()
-        row = {}
-        for name, (a, b) in feats.items():
-            best = E.probe_best_layer(a, y_train, b, y_test, seed=cfg.seed)
-            row[name], row[f"{name}_layer"] = best.result.top1, best.layer
-        row["pixels"] = None if args.no_pixels else E.linear_probe(pixels[0], y_train, pixels[1], y_test, seed=cfg.seed).top1
-        row["chance"] = float(np.bincount(y_test).max() / len(y_test))
-        row["stderr"] = E.standard_error(max(row["teacher"], row["student"]), len(y_test))
+    for label, r in results.items():
+        row = {"chance": r["chance"]}
+        for name in ("teacher", "student", "random_init"):
+            row[name], row[f"{name}_layer"] = r[name]["best_top1"], r[name]["best_layer"]
+        row["pixels"] = r["pixels"]["best_top1"] if "pixels" in r else None
+        row["stderr"] = E.standard_error(max(row["teacher"], row["student"]), r["n_test"])
         table[label] = row
 
     changed = f" (changed: {' '.join(args.set)})" if args.set else ""
+    where = f"checkpoint {args.checkpoint}" if args.checkpoint else \
+        f"{seconds / 60:.1f} min ({minutes:.1f} with the training scenes rendered; final loss {final_loss:.4f})"
     print(f"\npre-training{changed}: {cfg.model}, {cfg.resolution} px, patch {cfg.patch_size}, {cfg.masking} masking, batch "
-          f"{cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema[0]}->{cfg.ema[1]}: {result.steps} of {result.total_steps} scheduled steps in {result.seconds / 60:.1f} min "
-          f"({minutes:.1f} with the training scenes rendered; final loss {result.losses[-1]:.4f})")
+          f"{cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema[0]}->{cfg.ema[1]}: {steps} of {total} scheduled steps, {where}")
     print(f"probe: {args.probe_train} train / {args.probe_test} test scenes, best layer on validation; top-1 accuracy")
     print(f"{'label':<10}{'chance':>8}{'pixels':>8}{'random':>8}{'student':>9}{'teacher':>9}{'+-1 se':>8}  layers (s/t)")
     for label, r in table.items():
@@ -117,8 +117,8 @@ def main():
               + ("" if shape["pixels"] is None else f"; minus pixels = {(best - shape['pixels']) * 100:+.1f} points"))
     if args.json:
         print(json.dumps({**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},
-                          "minutes": round(minutes, 4), "train_minutes": round(result.seconds / 60, 4), "steps": result.steps,
-                          "total_steps": result.total_steps}))
+                          "minutes": round(minutes, 4), "train_minutes": round(seconds / 60, 4), "steps": steps,
+                          "total_steps": total}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The probe and its helpers on problems with known answers."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +66,143 @@ def test_rankme_bounds():
     assert E.rankme(torch.eye(16)) == pytest.approx(16, rel=1e-3)
     one_direction = torch.randn(100, 1) * torch.randn(1, 16)
     assert E.rankme(one_direction) < 1.1
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch probe against scikit-learn, k-NN, the cache
+
+
+def test_fit_logistic_reaches_scikit_learns_optimum():
+    from sklearn.linear_model import LogisticRegression
+    x, y = blobs(300, 5, 3, 1.5, 7)
+    for C in (0.01, 1.0):
+        ref = LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(x, y)
+        W, b, converged = E.fit_logistic(torch.as_tensor(x), torch.as_tensor(y), 3, C, tol=1e-9)
+        assert converged
+        # the softmax is unchanged by a constant added to every class: compare centred parameters
+        ours = torch.cat([W.T, b[:, None]], 1).numpy()
+        theirs = np.concatenate([ref.coef_, ref.intercept_[:, None]], 1)
+        np.testing.assert_allclose(ours - ours.mean(0), theirs - theirs.mean(0), atol=2e-4)
+
+
+def test_knn_on_separable_points_and_ties():
+    x, y = blobs(400, 4, 4, 0.2, 8)
+    assert E.knn_probe(x[:300], y[:300], x[300:], y[300:]) == 1.0
+    # one query, two neighbours of each class: the class of higher similarity wins the tie
+    train = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    assert E.knn_predict(train, np.array([0, 0, 1, 1]), np.array([[1.0, 0.3]]), k=4).tolist() == [0]
+
+
+def test_probe_features_reports_every_part():
+    x, y = blobs(500, 6, 3, 0.5, 9)
+    noise = np.random.default_rng(4).normal(size=x.shape)
+    layers = [noise, noise, x, noise, noise]  # 4 blocks + final output; block 3 informative
+    r = E.probe_features([a[:400] for a in layers], y[:400], [a[400:] for a in layers], y[400:])
+    assert r["best_layer"] == 3 and r["best_top1"] > 0.9 and r["knn_layer"] == 3 and r["knn_top1"] > 0.9
+    assert len(r["per_layer_top1"]) == 5 and r["concat_top1"] > 0.9 and r["stderr"] == E.standard_error(r["best_top1"], 100)
+
+
+def test_cache_is_keyed_by_what_made_the_features(tmp_path):
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return torch.tensor([value])
+
+    key = dict(checkpoint="aaaa", encoder="teacher", dataset="scenes")
+    assert E.cached(tmp_path, key, lambda: compute(1.0)).item() == 1.0
+    assert E.cached(tmp_path, key, lambda: compute(2.0)).item() == 1.0  # read back, not computed
+    other = {**key, "checkpoint": "bbbb"}  # another checkpoint's features are never used
+    assert E.cached(tmp_path, other, lambda: compute(3.0)).item() == 3.0
+    assert calls == [1.0, 3.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the depth probe
+
+
+def test_patch_targets_and_alignment_on_known_inputs():
+    depth = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 4, 6)
+    t = E.patch_targets(depth, 2)  # (2, 6, 4)
+    assert t.shape == (2, 6, 4) and t[0, 1].tolist() == [2.0, 3.0, 8.0, 9.0]  # row 0, col 1
+    true = torch.rand(3, 8, 8) + 1
+    valid = torch.ones_like(true, dtype=torch.bool)
+    pred = 0.5 * true - 2.0  # a scale and a shift away: alignment recovers the truth exactly
+    torch.testing.assert_close(E.align_scale_shift(pred, true, valid), true)
+    m = E.depth_metrics(pred, true, valid)
+    assert m["absrel"] < 1e-5 and m["rmse"] < 1e-5 and m["delta1"] == 1.0
+    m = E.depth_metrics(torch.ones_like(true), true, valid)  # a constant: the alignment gives the mean
+    assert m["delta1"] < 1.0 and m["absrel"] > 0.05
+
+
+def test_depth_probe_on_features_that_encode_depth_exactly():
+    g = torch.Generator().manual_seed(0)
+    depth = torch.rand(60, 8, 8, generator=g) * 10 + 1  # 60 images of 4 x 4 patches of 2 x 2 pixels
+    targets = E.patch_targets(depth, 2)  # (60, 16, 4)
+    mix = torch.randn(4, 12, generator=g)
+    exact = [targets @ mix]  # features: a linear image of the patch's depths
+    noise = [torch.randn(60, 16, 12, generator=g)]
+    valid = lambda d: d > 0  # noqa: E731
+    good = E.depth_probe([exact[0][:40]], depth[:40], [exact[0][40:]], depth[40:], 2, valid)
+    bad = E.depth_probe([noise[0][:40]], depth[:40], [noise[0][40:]], depth[40:], 2, valid)
+    assert good["absrel"] < 1e-3 and good["delta1"] == 1.0
+    assert bad["absrel"] > 0.1
+    base = E.position_mean_depth(depth[:40], depth[40:], valid)
+    assert base["absrel"] > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import train as T
+    out = tmp_path_factory.mktemp("run")
+    T.train(T.TrainConfig(steps=3, num_images=48, resolution=32, batch_size=16, out=str(out)), progress=False)
+    return str(out / "checkpoint.pt")
+
+
+def test_probe_command_on_scenes_writes_the_promised_json(tiny_checkpoint, tmp_path):
+    out = tmp_path / "probe.json"
+    assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--dataset", "scenes", "--labels", "shape",
+                   "--train", "120", "--test", "60", "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["shape"]
+    for name in ("teacher", "student", "random_init", "pixels"):
+        for key in ("best_top1", "best_layer", "per_layer_top1", "knn_top1"):
+            assert key in result[name], (name, key)
+    assert len(result["teacher"]["per_layer_top1"]) == 5 and result["pixels"]["best_layer"] is None
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # teacher, student, random init
+
+
+def test_probe_command_on_a_folder(tiny_checkpoint, tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for k, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+        (tmp_path / "images" / f"class{k}").mkdir(parents=True)
+        for i in range(30):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 20, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / f"class{k}" / f"{i}.png")
+    out = tmp_path / "probe.json"
+    assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--dataset", str(tmp_path / "images"), "--cache", "",
+                   "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["class"]
+    assert result["n_test"] == 12 and result["pixels"]["best_top1"] == 1.0  # colour separates the classes
+
+
+def test_probe_command_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    assert E.main(["probe", "--checkpoint", str(tmp_path / "missing.pt")]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--labels", "colour", "--cache", ""]) == 1
+    assert "are not labels of 'scenes'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--dataset", str(tmp_path / "empty"), "--cache", ""]) == 1
+    assert "no images" in capsys.readouterr().err
+
+
+def test_depth_command_beats_nothing_it_should_not(tiny_checkpoint, tmp_path):
+    out = tmp_path / "depth.json"
+    assert E.main(["depth", "--checkpoint", tiny_checkpoint, "--train", "80", "--test", "20", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for name in ("teacher", "random_init", "pixels", "position_mean"):
+        assert 0 < result[name]["absrel"] < 1 and 0 < result[name]["delta1"] <= 1

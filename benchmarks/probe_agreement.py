@@ -1,0 +1,98 @@
+"""Does the fast torch probe measure what the scikit-learn probe measured?
+
+`evaluate.linear_probe` fits its logistic regressions with full-batch L-BFGS in torch, on
+scikit-learn's objective and stopping rule. This script runs both on the same features of a
+checkpoint (teacher, student, random init, raw pixels; the same validation split, the same C grid,
+the same layer choice on validation) and prints their test accuracies side by side, the difference
+in standard errors, and the time each took.
+
+    python benchmarks/probe_agreement.py --checkpoint checkpoints/demo/checkpoint.pt
+    python benchmarks/probe_agreement.py --checkpoint CKPT --labels shape --no-pixels
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
+import evaluate as E  # noqa: E402
+
+
+def sklearn_probe(train_x, train_y, test_x, test_y, val_fraction=0.2, Cs=(0.01, 0.1, 1.0, 10.0), seed=0, max_iter=1000):
+    """The reference: the same protocol as `evaluate.linear_probe`, fitted by scikit-learn.
+    Returns (test top-1, validation top-1 at the chosen C)."""
+    order = np.random.default_rng(seed).permutation(len(train_x))
+    n_val = max(1, int(round(val_fraction * len(train_x))))
+    val, fit = order[:n_val], order[n_val:]
+
+    def fitted(x, y, C):
+        scaler = StandardScaler().fit(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return scaler, LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(x), y)
+
+    scores = []
+    for C in Cs:
+        scaler, clf = fitted(train_x[fit], train_y[fit], C)
+        scores.append(float((clf.predict(scaler.transform(train_x[val])) == train_y[val]).mean()))
+    best = int(np.argmax(scores))
+    scaler, clf = fitted(train_x, train_y, Cs[best])
+    return float((clf.predict(scaler.transform(test_x)) == test_y).mean()), scores[best]
+
+
+def best_layer(probe, train_layers, train_y, test_layers, test_y, seed):
+    """(test top-1 of the layer best on validation, that layer), for either probe."""
+    results = [probe(a, train_y, b, test_y, seed=seed) for a, b in zip(train_layers, test_layers)]
+    k = int(np.argmax([val for _, val in results]))
+    return results[k][0], k + 1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="checkpoints/demo/checkpoint.pt")
+    ap.add_argument("--labels", nargs="+", default=list(data.LABELS), choices=data.LABELS)
+    ap.add_argument("--train", type=int, default=4000)
+    ap.add_argument("--test", type=int, default=2000)
+    ap.add_argument("--no-pixels", action="store_true", help="skip raw pixels (scikit-learn takes minutes per label there)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    got = E.checkpoint_features(args.checkpoint, "scenes", args.train, args.test, cache_dir=None,
+                                pixels=not args.no_pixels, progress=False)
+    seed = got["config"].seed
+    torch_probe = lambda *a, seed: (lambda r: (r.top1, r.val_top1))(E.linear_probe(*a, seed=seed))  # noqa: E731
+    rows = []
+    for label in args.labels:
+        y_tr, y_te = got["train_labels"][label].numpy(), got["test_labels"][label].numpy()
+        for name, (a, b) in got["features"].items():
+            timings = {}
+            for impl, probe in (("sklearn", sklearn_probe), ("torch", torch_probe)):
+                t0 = time.perf_counter()
+                timings[impl] = (*best_layer(probe, a, y_tr, b, y_te, seed), time.perf_counter() - t0)
+            (s_acc, s_layer, s_time), (t_acc, t_layer, t_time) = timings["sklearn"], timings["torch"]
+            se = np.hypot(E.standard_error(s_acc, len(y_te)), E.standard_error(t_acc, len(y_te)))
+            rows.append(dict(label=label, encoder=name, sklearn=s_acc, sklearn_layer=s_layer, sklearn_s=round(s_time, 2),
+                             torch=t_acc, torch_layer=t_layer, torch_s=round(t_time, 2),
+                             diff_in_se=round((t_acc - s_acc) / max(se, 1e-12), 2)))
+            r = rows[-1]
+            print(f"{label:<9}{name:<12} scikit-learn {s_acc:.4f} [layer {s_layer}] {s_time:7.1f} s   torch {t_acc:.4f} "
+                  f"[layer {t_layer}] {t_time:6.1f} s   difference {r['diff_in_se']:+.2f} s.e.", flush=True)
+    worst = max(abs(r["diff_in_se"]) for r in rows)
+    s_total, t_total = sum(r["sklearn_s"] for r in rows), sum(r["torch_s"] for r in rows)
+    print(f"\nlargest difference {worst:.2f} standard errors; scikit-learn {s_total:.0f} s, torch {t_total:.0f} s "
+          f"({s_total / max(t_total, 1e-9):.1f}x)")
+    if args.json:
+        print(json.dumps({"rows": rows, "max_abs_diff_in_se": worst, "sklearn_s": s_total, "torch_s": t_total}))
+
+
+if __name__ == "__main__":
+    main()
