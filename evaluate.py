@@ -309,12 +309,15 @@ def depth_probe(train_tokens: list, train_depth, test_tokens: list, test_depth, 
     """A linear map from each token to its patch's p x p depths, fitted by ridge regression on one
     layer's tokens (a list of (N, h*w, D) per layer; layer and alpha chosen on a validation part of
     the training images by mean squared error), scored once on the test images with `depth_metrics`.
+    The map predicts each pixel's difference from the training images' mean depth at that position
+    (`position_mean_depth`), so it measures what the tokens add to where a pixel is.
     `valid_fn(depth)` marks the pixels that count (e.g. not sky)."""
     N = len(train_depth)
     order = torch.from_numpy(np.random.default_rng(seed).permutation(N))
     n_val = max(1, int(round(val_fraction * N)))
     val, fit = order[:n_val], order[n_val:]
-    targets = patch_targets(train_depth, patch_size).double()  # (N, T, p*p)
+    prior = train_depth.mean(0, keepdim=True)  # (1, H, W) the per-position mean
+    targets = patch_targets(train_depth - prior, patch_size).double()  # (N, T, p*p)
     flat = lambda t, idx: t[idx].reshape(-1, t.shape[-1]).double()  # noqa: E731
 
     best = None
@@ -330,6 +333,7 @@ def depth_probe(train_tokens: list, train_depth, test_tokens: list, test_depth, 
     H, W = test_depth.shape[1:]
     pred = head(test_tokens[layer - 1].reshape(-1, test_tokens[layer - 1].shape[-1]).double()).float()
     pred = pred.reshape(M_, H // patch_size, W // patch_size, patch_size, patch_size).permute(0, 1, 3, 2, 4).reshape(M_, H, W)
+    pred = pred + prior
     return {"layer": layer, "alpha": alpha, "val_mse": best[0], "prediction": pred,
             **depth_metrics(pred, test_depth, valid_fn(test_depth))}
 

@@ -406,8 +406,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     log, losses, start, wall_times = [], [], time.perf_counter(), collections.deque(maxlen=STEP_WINDOW)
     stop_at = step + cfg.stop_after if cfg.stop_after else None
+    in_terminal = sys.stderr.isatty() and "ipykernel" not in sys.modules  # a notebook's stream claims to be a tty
     bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="pre-training", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file or notebook gets a line every 30 s
+               mininterval=0.5 if in_terminal else 30)  # a log file or notebook gets a line every 30 s
     batches = batches_forever(stream, cfg, epoch, in_epoch)
     while True:
         if total is not None and step >= total or stop_at is not None and step >= stop_at:
