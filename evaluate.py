@@ -448,12 +448,15 @@ def probe_splits(dataset: str, resolution: int, n_train: int, n_test: int, seed:
 
 
 def checkpoint_features(checkpoint: str, dataset: str = "scenes", n_train: int = 4000, n_test: int = 2000,
-                        cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True) -> dict:
+                        cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True, labels=None) -> dict:
     """Everything a probe of a checkpoint needs: the mean-pooled features of every layer of its
     teacher, student and random init (cached by checkpoint digest, dataset and sizes) and raw pixels,
     for the train and test images, with their labels."""
     encoders, cfg = checkpoint_encoders(checkpoint)
     x_tr, ys_tr, x_te, ys_te, names = probe_splits(dataset, cfg.resolution, n_train, n_test, cfg.seed)
+    unknown = set(labels or ()) - set(names)
+    if unknown:  # said before any feature is extracted
+        raise ValueError(f"labels {sorted(unknown)} are not labels of {dataset!r}: choose from {names}")
     digest = file_digest(checkpoint)
     features = {}
     for name, encoder in encoders.items():
@@ -488,11 +491,8 @@ def probe_all(features: dict, train_labels: dict, test_labels: dict, labels: lis
 def run_probe(checkpoint: str, dataset: str = "scenes", n_train: int = 4000, n_test: int = 2000, labels=None,
               cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True) -> dict:
     """The full classification probe of a checkpoint on a dataset: {label: {encoder: results}}."""
-    got = checkpoint_features(checkpoint, dataset, n_train, n_test, cache_dir, pixels, progress)
+    got = checkpoint_features(checkpoint, dataset, n_train, n_test, cache_dir, pixels, progress, labels)
     labels = labels or got["labels"]
-    unknown = set(labels) - set(got["labels"])
-    if unknown:
-        raise ValueError(f"labels {sorted(unknown)} are not labels of {dataset!r}: choose from {got['labels']}")
     return probe_all(got["features"], got["train_labels"], got["test_labels"], labels, got["config"].seed, progress)
 
 
