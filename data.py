@@ -344,10 +344,14 @@ def _noise_bank():
     return torch.randn(2**20 + 3 * 256 * 256, generator=torch.Generator().manual_seed(1234))
 
 
+REGIONS = ("sky", "ground", "main object", "distractor")  # render_scenes()'s region codes 0-3
+
+
 def render_scenes(indices, height, width, seed=0, config=SceneConfig()):
     """Render images `indices` of the scene dataset at height x width. Returns a dict with image (B,3,H,W)
     float32 in [0,1], depth (B,H,W) float32 (distance along the camera axis; sky = SKY_DEPTH),
-    mask (B,H,W) bool (main-object pixels), shape, count, distance (B,) int64."""
+    mask (B,H,W) bool (main-object pixels), region (B,H,W) uint8 (what each pixel shows, an index into
+    REGIONS), shape, count, distance (B,) int64."""
     H, W = _check_resolution((height, width))
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if len(indices) == 0 or indices.min() < 0:
@@ -403,7 +407,9 @@ def _render(sc, H, W, config):
 
     image = _colour(sc, dirs, t, obj, on_obj, on_ground, sky, shade, config.noise)
     depth = (t * grid[2]).clamp_max_(SKY_DEPTH)                          # sky (and far ground) -> SKY_DEPTH
+    region = on_ground + 2 * (obj == 0).float() + 3 * (obj > 0).float()   # indices into REGIONS
     return dict(image=image.view(-1, 3, H, W), depth=depth.view(-1, H, W), mask=(obj == 0).view(-1, H, W),
+                region=region.to(torch.uint8).view(-1, H, W),
                 shape=sc["shape"], count=sc["count"], distance=sc["distance"])
 
 
@@ -507,8 +513,9 @@ def _colour(sc, dirs, t, obj, on_obj, on_ground, sky, shade, noise):
 
 class SceneDataset(Dataset):
     """num_images scene images of one split. Items: image (3,H,W) float in [0,1], label (= shape), shape,
-    count, distance (ints), depth (H,W) float, mask (H,W) bool. Chunks of `chunk` images are rendered on
-    first use and cached (images as uint8, depth as float16), so use num_workers=0 in a DataLoader.
+    count, distance (ints), depth (H,W) float, mask (H,W) bool, region (H,W) uint8. Chunks of `chunk`
+    images are rendered on first use and cached (images as uint8, depth as float16), so use
+    num_workers=0 in a DataLoader.
     A chunk holds about a million pixels (256 images at 64 px) unless `chunk` says otherwise."""
 
     def __init__(self, num_images, resolution=64, split="train", seed=0, config=SceneConfig(), chunk=None):
@@ -541,7 +548,8 @@ class SceneDataset(Dataset):
         out, j = self._chunk(i // self.chunk), i % self.chunk
         shape = int(out["shape"][j])
         return dict(image=out["image"][j].float() / 255, label=shape, shape=shape, count=int(out["count"][j]),
-                    distance=int(out["distance"][j]), depth=out["depth"][j].float(), mask=out["mask"][j])
+                    distance=int(out["distance"][j]), depth=out["depth"][j].float(), mask=out["mask"][j],
+                    region=out["region"][j])
 
     def tensors(self, label="shape"):
         """Every image at once, for probes: images (N, 3, H, W) float in [0, 1], labels (N,) int64."""
@@ -551,7 +559,14 @@ class SceneDataset(Dataset):
 
     def depths(self):
         """Every depth map at once: (N, H, W) float32 (sky = SKY_DEPTH)."""
-        return torch.cat([self._chunk(c)["depth"] for c in range((len(self) + self.chunk - 1) // self.chunk)]).float()
+        return self._every("depth").float()
+
+    def regions(self):
+        """Every region map at once: (N, H, W) uint8, indices into REGIONS."""
+        return self._every("region")
+
+    def _every(self, key):
+        return torch.cat([self._chunk(c)[key] for c in range((len(self) + self.chunk - 1) // self.chunk)])
 
 # -----------------------------------------------------------------------------
 # Normalisation with the ImageNet statistics (what pre-trained ViTs expect; fine for scratch too)

@@ -244,6 +244,46 @@ def model_from_checkpoint(path: str, device="cpu") -> tuple:
     return model.to(device), cfg
 
 
+# The committed reference model: the weights of a long run of this file (how it was made:
+# checkpoints/reference/README.md). The demo checkpoint is what `python train.py` writes.
+REFERENCE_CHECKPOINT = "checkpoints/reference/checkpoint.pt"
+DEMO_CHECKPOINT = "checkpoints/demo/checkpoint.pt"
+WEIGHTS = ("config", "step", "student", "teacher", "predictor")  # what export_weights keeps
+
+
+def export_weights(src: str, dst: str) -> None:
+    """Copy a training checkpoint without its optimiser state and log: config, step and the three
+    networks, the part a trained model needs. Written atomically."""
+    ckpt = load_checkpoint(src)
+    missing = [k for k in WEIGHTS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{src!r} is not a checkpoint of train.py (it lacks {', '.join(missing)})")
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    save_checkpoint(dst, {k: ckpt[k] for k in WEIGHTS})
+
+
+def reference_model(path: str = REFERENCE_CHECKPOINT, device="cpu") -> tuple:
+    """(IJEPA, TrainConfig) of the committed reference model. A missing, truncated or mismatched file
+    raises an error that says how to get it back."""
+    how = ("restore it with `git checkout -- checkpoints/reference` or rebuild it with the commands in "
+           "checkpoints/reference/README.md")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the reference model {path!r} is missing: {how}")
+    try:
+        return model_from_checkpoint(path, device)
+    except ValueError as e:
+        raise ValueError(f"the reference model is unusable: {e}. Instead: {how}") from e
+
+
+def default_checkpoint() -> str:
+    """The checkpoint scripts and notebooks use when none is given: the reference model if it is there,
+    else the demo checkpoint, trained first (with a progress bar) if it is missing too."""
+    if os.path.exists(REFERENCE_CHECKPOINT):
+        return REFERENCE_CHECKPOINT
+    print(f"no reference model at {REFERENCE_CHECKPOINT}: using the demo checkpoint {DEMO_CHECKPOINT}")
+    return checkpoint_or_train(DEMO_CHECKPOINT, TrainConfig(steps=DEMO_STEPS))
+
+
 def checkpoint_or_train(path: str, cfg: TrainConfig) -> str:
     """`path` if it exists; otherwise train `cfg` into path's folder first, and say so."""
     if not os.path.exists(path):

@@ -39,11 +39,12 @@ def test_render_is_deterministic_and_independent_of_the_batch():
     alone = data.render_scenes([5], 48, 64, seed=1)
     for key in a:
         assert torch.equal(a[key], b[key])                                  # same shape: bit-exact
-    for key in set(a) - {"image", "depth", "mask"}:
+    for key in set(a) - {"image", "depth", "mask", "region"}:
         assert torch.equal(a[key][2:3], alone[key])                         # labels: exact
     torch.testing.assert_close(a["image"][2:3], alone["image"], atol=1e-3, rtol=0)   # a quarter of a uint8 level
     torch.testing.assert_close(a["depth"][2:3], alone["depth"], atol=1e-3, rtol=1e-4)
     assert (a["mask"][2:3] != alone["mask"]).float().mean() <= 1e-3
+    assert (a["region"][2:3] != alone["region"]).float().mean() <= 1e-3
     assert not torch.equal(a["image"][0], a["image"][1])                   # different index, different image
     other_seed = data.render_scenes([3], 48, 64, seed=2)
     assert not torch.equal(a["image"][0], other_seed["image"][0])
@@ -57,6 +58,19 @@ def test_stored_images_agree_whatever_the_chunk_size():
     assert torch.equal(y, v)
     levels = ((x - u).abs() * 255).round()
     assert levels.max() <= 1 and (levels > 0).float().mean() < 1e-3
+
+
+def test_regions_agree_with_the_mask_and_the_depth():
+    out = data.render_scenes(range(16), 64, 64)
+    region, depth = out["region"], out["depth"]
+    assert region.dtype == torch.uint8 and int(region.max()) < len(data.REGIONS)
+    assert torch.equal(region == data.REGIONS.index("main object"), out["mask"])
+    assert (depth[region == data.REGIONS.index("sky")] == data.SKY_DEPTH).all()    # the sky is infinitely far
+    objects = (region >= data.REGIONS.index("main object"))
+    assert (depth[objects] < 20).all(), "objects, main or distractor, stand a few units from the camera"
+    assert (region == data.REGIONS.index("ground"))[:, -1].float().mean() > 0.5, "the bottom row is mostly ground"
+    assert (region == data.REGIONS.index("distractor")).any(), "some scene has a distractor in view"
+    assert torch.equal(data.SceneDataset(16).regions(), region)
 
 
 def test_depth_is_positive_and_consistent_with_the_mask():
