@@ -464,9 +464,11 @@ def checkpoint_features(checkpoint: str, dataset: str = "scenes", n_train: int =
             f"init:{cfg.model}:{cfg.seed}:{cfg.patch_size}:{cfg.feature_norm}:{cfg.condition_encoders}"
         key = dict(checkpoint=made_by, encoder=name, dataset=os.path.abspath(dataset) if os.path.isdir(dataset) else dataset,
                    resolution=cfg.resolution, n_train=len(x_tr), n_test=len(x_te), seed=cfg.seed)
-        features[name] = cached(cache_dir, key, lambda enc=encoder: (
-            layer_features(enc, x_tr, normalize=data.normalize, progress=progress),
-            layer_features(enc, x_te, normalize=data.normalize, progress=progress)))
+        # cached as tensors (a weights_only load refuses numpy arrays), probed as numpy arrays
+        train_layers, test_layers = cached(cache_dir, key, lambda enc=encoder: tuple(
+            [torch.from_numpy(a) for a in layer_features(enc, x, normalize=data.normalize, progress=progress)]
+            for x in (x_tr, x_te)))
+        features[name] = ([a.numpy() for a in train_layers], [a.numpy() for a in test_layers])
     if pixels:
         features["pixels"] = ([x_tr.flatten(1).numpy()], [x_te.flatten(1).numpy()])
     return dict(features=features, train_labels=ys_tr, test_labels=ys_te, labels=names, config=cfg,

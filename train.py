@@ -248,7 +248,7 @@ def model_from_checkpoint(path: str, device="cpu") -> tuple:
 # checkpoints/reference/README.md). The demo checkpoint is what `python train.py` writes.
 REFERENCE_CHECKPOINT = "checkpoints/reference/checkpoint.pt"
 DEMO_CHECKPOINT = "checkpoints/demo/checkpoint.pt"
-WEIGHTS = ("config", "step", "student", "teacher", "predictor")  # what export_weights keeps
+WEIGHTS = ("config", "step", "total_steps", "student", "teacher", "predictor")  # what export_weights keeps
 
 
 def export_weights(src: str, dst: str) -> None:

@@ -40,6 +40,32 @@ def test_a_fixed_length_run_prints_the_json_table():
     assert shape["pixels"] is None and shape["stderr"] > 0
 
 
+def test_probe_vs_steps_probes_each_kept_checkpoint_and_draws_the_curve(tmp_path):
+    import shutil
+    import train as T
+    run = tmp_path / "run"
+    cfg = dict(num_images=64, resolution=32, batch_size=16, steps=4, log_every=1, out=str(run))
+    for step, stop in ((2, 2), (4, 2)):
+        T.train(T.TrainConfig(**cfg, stop_after=stop, resume=step > 2), progress=False)
+        shutil.copy(run / "checkpoint.pt", run / f"step-{step}.pt")
+    results, figure = tmp_path / "curve.json", tmp_path / "curve.png"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "probe_vs_steps.py"), "--run", str(run), "--results",
+               str(results), "--figure", str(figure), "--labels", "shape", "count", "--probe-train", "120",
+               "--probe-test", "60", "--cache", str(tmp_path / "cache")]
+    subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+    got = json.loads(results.read_text())
+    assert sorted(got["steps"], key=int) == ["2", "4"] and figure.stat().st_size > 10_000
+    for label in ("shape", "count"):
+        base = got["baselines"][label]
+        assert {"random_init", "pixels", "chance"} <= base.keys() and 0 < base["chance"] < 1
+        for step in ("2", "4"):
+            assert 0 <= got["steps"][step][label]["teacher"]["top1"] <= 1 and got["steps"][step][label]["student"]["stderr"] > 0
+    # a second call probes nothing again: the numbers are read back, the figure redrawn
+    before = results.read_text()
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "probing step" not in out and results.read_text() == before
+
+
 def test_train_step_counts_flops_and_measures_the_matmul_limit():
     # the counter on a computation whose FLOPs are known: (8 x 16) @ (16 x 4) forward = 2 * 8 * 16 * 4
     with FlopCounterMode(display=False) as counter:

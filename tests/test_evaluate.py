@@ -175,6 +175,12 @@ def test_probe_command_on_scenes_writes_the_promised_json(tiny_checkpoint, tmp_p
             assert key in result[name], (name, key)
     assert len(result["teacher"]["per_layer_top1"]) == 5 and result["pixels"]["best_layer"] is None
     assert len(list((tmp_path / "cache").iterdir())) == 3  # teacher, student, random init
+    # a second probe reads the features back from the cache (a weights_only load) and measures the same
+    again = tmp_path / "again.json"
+    assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--dataset", "scenes", "--labels", "shape",
+                   "--train", "120", "--test", "60", "--cache", str(tmp_path / "cache"), "--json", str(again)]) == 0
+    assert json.loads(again.read_text()) == json.loads(out.read_text())
+    assert len(list((tmp_path / "cache").iterdir())) == 3
 
 
 def test_probe_command_on_a_folder(tiny_checkpoint, tmp_path):

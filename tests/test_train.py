@@ -68,6 +68,36 @@ def test_resume_refuses_another_config_and_a_truncated_file(tmp_path):
         T.train(T.TrainConfig(steps=4, out=str(tmp_path), resume=True, **TINY), progress=False)
 
 
+def test_exported_weights_load_as_the_same_model_and_errors_say_how_to_rebuild(tmp_path, monkeypatch):
+    T.train(T.TrainConfig(steps=2, out=str(tmp_path), **TINY), progress=False)
+    full, weights_only = tmp_path / "checkpoint.pt", tmp_path / "reference" / "checkpoint.pt"
+    T.export_weights(str(full), str(weights_only))
+    saved = torch.load(weights_only, weights_only=True)
+    assert set(saved) == set(T.WEIGHTS) and "optimizer" not in saved
+    assert weights_only.stat().st_size < full.stat().st_size
+    model, cfg = T.reference_model(str(weights_only))
+    trained, _ = T.model_from_checkpoint(str(full))
+    assert cfg.steps == 2 and all(torch.equal(a, b) for a, b in zip(weights(model).values(), weights(trained).values()))
+
+    with pytest.raises(FileNotFoundError, match="is missing: restore it with `git checkout.*rebuild it"):
+        T.reference_model(str(tmp_path / "nothing.pt"))
+    bad = dict(saved, student={k: v[..., :1] for k, v in saved["student"].items()})  # another model's shapes
+    torch.save(bad, tmp_path / "mismatched.pt")
+    with pytest.raises(ValueError, match="do not fit the configuration.*checkpoints/reference/README.md"):
+        T.reference_model(str(tmp_path / "mismatched.pt"))
+    weights_only.write_bytes(weights_only.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated or corrupt.*checkpoints/reference/README.md"):
+        T.reference_model(str(weights_only))
+    with pytest.raises(ValueError, match="not a checkpoint of train.py .it lacks step, total_steps, student, teacher, predictor"):
+        torch.save({"config": {}}, tmp_path / "not-ours.pt")
+        T.export_weights(str(tmp_path / "not-ours.pt"), str(tmp_path / "out.pt"))
+
+    # with no reference model on disk, scripts fall back to the demo checkpoint
+    monkeypatch.setattr(T, "REFERENCE_CHECKPOINT", str(tmp_path / "absent.pt"))
+    monkeypatch.setattr(T, "DEMO_CHECKPOINT", str(full))
+    assert T.default_checkpoint() == str(full)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real = T.training_step
     calls = []
