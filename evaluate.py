@@ -225,7 +225,7 @@ def probe_features(train_layers: list, train_y, test_layers: list, test_y, seed:
 # 3. A cache of features, keyed by what made them
 
 
-FEATURES_VERSION = 1  # raise when the feature extraction changes: every cached file becomes stale
+FEATURES_VERSION = 2  # raise when the feature extraction changes: every cached file becomes stale
 
 
 def file_digest(path: str) -> str:
@@ -244,7 +244,10 @@ def cached(cache_dir, key: dict, compute):
     name = hashlib.sha256(json.dumps({**key, "version": FEATURES_VERSION}, sort_keys=True).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"features-{name}.pt")
     if os.path.exists(path):
-        saved = torch.load(path, weights_only=True)
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception:  # truncated, or written in another format: computed again and replaced
+            saved = {}
         if saved.get("key") == {**key, "version": FEATURES_VERSION}:
             return saved["value"]
     value = compute()

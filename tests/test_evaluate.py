@@ -115,6 +115,10 @@ def test_cache_is_keyed_by_what_made_the_features(tmp_path):
     other = {**key, "checkpoint": "bbbb"}  # another checkpoint's features are never used
     assert E.cached(tmp_path, other, lambda: compute(3.0)).item() == 3.0
     assert calls == [1.0, 3.0]
+    for file in tmp_path.iterdir():  # a truncated file is computed again and replaced, never an error
+        file.write_bytes(file.read_bytes()[:20])
+    assert E.cached(tmp_path, key, lambda: compute(4.0)).item() == 4.0
+    assert E.cached(tmp_path, key, lambda: compute(5.0)).item() == 4.0
 
 
 # ---------------------------------------------------------------------------------------------
