@@ -125,38 +125,68 @@ def _row_space(x_fit, x_eval):
     return x_fit @ Q, x_eval @ Q
 
 
+@dataclass
+class PreparedFeatures:
+    """One or more feature sets (e.g. every layer of an encoder) made ready for probing any label:
+    split into fit and validation parts, standardised, and moved into the training rows' span when
+    they have more features than samples. Preparing once serves every label (for raw pixels the
+    basis is the expensive part). Each is a stack (P, n, d) of the P sets."""
+    fit: torch.Tensor  # the fit part of the training set, standardised on itself
+    val: torch.Tensor  # the validation part, standardised like `fit`
+    train: torch.Tensor  # the whole training set, standardised on itself (the refit)
+    test: torch.Tensor  # the test set, standardised like `train`
+    fit_rows: torch.Tensor  # indices of the fit and validation parts in the training set
+    val_rows: torch.Tensor
+
+
+def prepare_features(train_sets: list, test_sets: list, val_fraction: float = 0.2, seed: int = 0) -> PreparedFeatures:
+    """Lists of P arrays (n, d) and (m, d) with the same d -> PreparedFeatures. The validation part
+    is a seeded random fifth of the training set (the same rows for every feature set and label)."""
+    as64 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+    train_sets, test_sets = [as64(a) for a in train_sets], [as64(a) for a in test_sets]
+    n = len(train_sets[0])
+    if any(len(a) != n for a in train_sets) or len({len(a) for a in test_sets}) != 1:
+        raise ValueError("every feature set needs the same number of training and of test rows")
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    n_val = max(1, int(round(val_fraction * n)))
+    val, fit = order[:n_val], order[n_val:]
+    pairs = [(_row_space(*_standardise(a[fit], a[val])), _row_space(*_standardise(a, b)))
+             for a, b in zip(train_sets, test_sets)]
+    stack = lambda i, j: torch.stack([p[i][j] for p in pairs])  # noqa: E731
+    return PreparedFeatures(fit=stack(0, 0), val=stack(0, 1), train=stack(1, 0), test=stack(1, 1), fit_rows=fit, val_rows=val)
+
+
+def probe_prepared(prepared: PreparedFeatures, train_y, test_y, Cs=(0.01, 0.1, 1.0, 10.0), max_iter: int = 1000) -> list:
+    """Logistic regression on each prepared feature set: C chosen on the validation part, then refit
+    on the whole training set at that C and scored once on the test set. A ProbeResult per set."""
+    train_y, test_y = torch.as_tensor(np.asarray(train_y)).long(), torch.as_tensor(np.asarray(test_y)).long()
+    if len(prepared.fit_rows) + len(prepared.val_rows) != len(train_y) or prepared.test.shape[1] != len(test_y):
+        raise ValueError("features and labels differ in length")
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    y_fit, y_val = train_y[prepared.fit_rows], train_y[prepared.val_rows]
+    results = []
+    for x_fit, x_val, x_train, x_test in zip(prepared.fit, prepared.val, prepared.train, prepared.test):
+        converged, start, scores = True, None, []
+        for C in Cs:  # in increasing order, each fit starts from the last one's optimum: fewer steps, the same optimum
+            W, b, ok = fit_logistic(x_fit, y_fit, n_classes, C, max_iter, start=start)
+            converged, start = converged and ok, (W, b)
+            scores.append(float(((x_val @ W + b).argmax(1) == y_val).double().mean()))
+        best = int(np.argmax(scores))
+        W, b, ok = fit_logistic(x_train, train_y, n_classes, Cs[best], max_iter)  # the refit works in another basis
+        pred = (x_test @ W + b).argmax(1).numpy()
+        results.append(ProbeResult(top1=float((pred == test_y.numpy()).mean()), C=Cs[best], val_top1=scores[best],
+                                   macro_f1=float(f1_score(test_y.numpy(), pred, average="macro")), predictions=pred,
+                                   converged=converged and ok))
+    return results
+
+
 def linear_probe(train_x, train_y, test_x, test_y, val_fraction: float = 0.2,
                  Cs=(0.01, 0.1, 1.0, 10.0), seed: int = 0, max_iter: int = 1000) -> ProbeResult:
     """Logistic regression on standardised features; C chosen on a held-out part of the training
     set, then refit on the whole training set and scored once on the test set."""
-    train_x, test_x = torch.as_tensor(np.asarray(train_x), dtype=torch.float64), torch.as_tensor(np.asarray(test_x), dtype=torch.float64)
-    train_y, test_y = torch.as_tensor(np.asarray(train_y)).long(), torch.as_tensor(np.asarray(test_y)).long()
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError("features and labels differ in length")
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(train_x)))
-    n_val = max(1, int(round(val_fraction * len(train_x))))
-    val, fit = order[:n_val], order[n_val:]
-    converged = True
-
-    start = None
-
-    def predict(x_fit, y_fit, x_eval, C):
-        nonlocal converged, start
-        W, b, ok = fit_logistic(x_fit, y_fit, n_classes, C, max_iter, start=start)
-        converged &= ok
-        start = (W, b)  # the next C (in increasing order) starts from here: fewer steps, the same optimum
-        return (x_eval @ W + b).argmax(1)
-
-    x_fit, x_val = _row_space(*_standardise(train_x[fit], train_x[val]))
-    scores = [float((predict(x_fit, train_y[fit], x_val, C) == train_y[val]).double().mean()) for C in Cs]
-    start = None  # the refit works in another basis
-    best = int(np.argmax(scores))
-    x_train, x_test = _row_space(*_standardise(train_x, test_x))
-    pred = predict(x_train, train_y, x_test, Cs[best]).numpy()
-    test_y = test_y.numpy()
-    return ProbeResult(top1=float((pred == test_y).mean()), macro_f1=float(f1_score(test_y, pred, average="macro")),
-                       C=Cs[best], val_top1=scores[best], predictions=pred, converged=converged)
+    return probe_prepared(prepare_features([train_x], [test_x], val_fraction, seed), train_y, test_y, Cs, max_iter)[0]
 
 
 def knn_predict(train_x, train_y, query_x, k: int = 20) -> np.ndarray:
@@ -185,9 +215,12 @@ class LayerProbe:
     test_by_layer: list  # test accuracy of every layer (reported, never used to choose)
 
 
-def probe_best_layer(train_layers: list, train_y, test_layers: list, test_y, seed: int = 0, **kwargs) -> LayerProbe:
-    """Probe every layer; the layer with the best validation accuracy is scored on test."""
-    results = [linear_probe(a, train_y, b, test_y, seed=seed, **kwargs) for a, b in zip(train_layers, test_layers)]
+def probe_best_layer(train_layers: list, train_y, test_layers: list, test_y, seed: int = 0, prepared=None,
+                     **kwargs) -> LayerProbe:
+    """Probe every layer; the layer with the best validation accuracy is scored on
+    test. `prepared`: the layers already made ready by prepare_features (to probe several labels)."""
+    prepared = prepared or prepare_features(train_layers, test_layers, seed=seed)
+    results = probe_prepared(prepared, train_y, test_y, **kwargs)
     val = [r.val_top1 for r in results]
     best = int(np.argmax(val))
     return LayerProbe(layer=best + 1, result=results[best], val_by_layer=val, test_by_layer=[r.top1 for r in results])
@@ -198,21 +231,31 @@ def standard_error(accuracy: float, n: int) -> float:
     return float(np.sqrt(accuracy * (1 - accuracy) / n))
 
 
-def probe_features(train_layers: list, train_y, test_layers: list, test_y, seed: int = 0, concat_last: int = 4) -> dict:
-    """The whole classification probe of one encoder (or of raw pixels: a list of one array):
-    linear probe per layer (best on validation), on the concatenation of the last `concat_last`
-    blocks, and k-NN per layer (best on validation, on a validation split of the training set)."""
-    best = probe_best_layer(train_layers, train_y, test_layers, test_y, seed=seed)
-    out = {"best_top1": best.result.top1, "best_layer": best.layer, "macro_f1": best.result.macro_f1,
-           "per_layer_top1": best.test_by_layer, "predictions": best.result.predictions,
-           "stderr": standard_error(best.result.top1, len(test_y))}
+def prepare_encoder(train_layers: list, test_layers: list, seed: int = 0, concat_last: int = 4) -> dict:
+    """What probe_features needs of one encoder's layers, whatever the label: the layers prepared
+    for the linear probe, and the concatenation of the last `concat_last` blocks."""
+    out = {"layers": prepare_features(train_layers, test_layers, seed=seed)}
     blocks = len(train_layers) - 1
     if blocks >= concat_last:
         cat = lambda layers: np.concatenate(layers[blocks - concat_last:blocks], axis=1)  # noqa: E731
-        out["concat_top1"] = linear_probe(cat(train_layers), train_y, cat(test_layers), test_y, seed=seed).top1
-    order = np.random.default_rng(seed).permutation(len(train_y))
-    n_val = max(1, len(order) // 5)
-    val, fit = order[:n_val], order[n_val:]
+        out["concat"] = prepare_features([cat(train_layers)], [cat(test_layers)], seed=seed)
+    return out
+
+
+def probe_features(train_layers: list, train_y, test_layers: list, test_y, seed: int = 0, concat_last: int = 4,
+                   prepared=None) -> dict:
+    """The whole classification probe of one encoder (or of raw pixels: a list of one array):
+    linear probe per layer (best on validation), on the concatenation of the last `concat_last`
+    blocks, and k-NN per layer (best on validation, on a validation split of the training set).
+    `prepared`: prepare_encoder's output for these layers, made once for several labels."""
+    prepared = prepared or prepare_encoder(train_layers, test_layers, seed, concat_last)
+    best = probe_best_layer(train_layers, train_y, test_layers, test_y, prepared=prepared["layers"])
+    out = {"best_top1": best.result.top1, "best_layer": best.layer, "macro_f1": best.result.macro_f1,
+           "per_layer_top1": best.test_by_layer, "predictions": best.result.predictions,
+           "stderr": standard_error(best.result.top1, len(test_y))}
+    if "concat" in prepared:
+        out["concat_top1"] = probe_prepared(prepared["concat"], train_y, test_y)[0].top1
+    val, fit = prepared["layers"].val_rows.numpy(), prepared["layers"].fit_rows.numpy()
     train_y = np.asarray(train_y)
     knn_val = [knn_probe(a[fit], train_y[fit], a[val], train_y[val]) for a in train_layers]
     k_best = int(np.argmax(knn_val))
@@ -483,13 +526,17 @@ def probe_all(features: dict, train_labels: dict, test_labels: dict, labels: lis
     """`probe_features` for every encoder (and pixels) and every label: {label: {encoder: results}}."""
     results = {}
     for label in labels:
-        y_tr, y_te = np.asarray(train_labels[label]), np.asarray(test_labels[label])
-        row = {"chance": float(np.bincount(y_te).max() / len(y_te)), "n_train": len(y_tr), "n_test": len(y_te)}
-        for name, (a, b) in tqdm(features.items(), desc=f"probe {label}", disable=not progress, mininterval=5):
-            row[name] = probe_features(a, y_tr, b, y_te, seed=seed)
+        y_te = np.asarray(test_labels[label])
+        results[label] = {"chance": float(np.bincount(y_te).max() / len(y_te)), "n_train": len(train_labels[label]),
+                          "n_test": len(y_te)}
+    for name, (a, b) in tqdm(features.items(), desc="probe", disable=not progress, mininterval=5):
+        prepared = prepare_encoder(a, b, seed)  # once per encoder, for every label
+        for label in labels:
+            row = probe_features(a, np.asarray(train_labels[label]), b, np.asarray(test_labels[label]), seed=seed,
+                                 prepared=prepared)
             if name == "pixels":
-                row[name]["best_layer"] = None
-        results[label] = row
+                row["best_layer"] = None
+            results[label][name] = row
     return results
 
 

@@ -85,6 +85,20 @@ def test_fit_logistic_reaches_scikit_learns_optimum():
         np.testing.assert_allclose(ours - ours.mean(0), theirs - theirs.mean(0), atol=2e-4)
 
 
+def test_prepared_layers_probe_as_each_layer_alone():
+    # prepare_features makes the split, standardisation and basis once for every label; the probe of
+    # the prepared layers is the probe of each layer on its own
+    x1, y = blobs(300, 5, 3, 1.5, 11)
+    x2 = np.random.default_rng(12).normal(size=x1.shape) + 0.3 * x1
+    layers = [x1, x2]
+    together = E.probe_prepared(E.prepare_features([a[:200] for a in layers], [a[200:] for a in layers]), y[:200], y[200:])
+    for a, r in zip(layers, together):
+        alone = E.linear_probe(a[:200], y[:200], a[200:], y[200:])
+        assert (r.C, r.val_top1, r.top1) == (alone.C, alone.val_top1, alone.top1)
+    with pytest.raises(ValueError, match="differ in length"):
+        E.probe_prepared(E.prepare_features([x1[:200]], [x1[200:]]), y[:100], y[200:])
+
+
 def test_knn_on_separable_points_and_ties():
     x, y = blobs(400, 4, 4, 0.2, 8)
     assert E.knn_probe(x[:300], y[:300], x[300:], y[300:]) == 1.0
