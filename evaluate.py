@@ -55,6 +55,13 @@ def token_features(encoder, images: torch.Tensor, batch_size: int = 256, normali
                                                                   lambda t: t.float().cpu()))]
 
 
+@torch.no_grad()
+def final_tokens(encoder, images: torch.Tensor, batch_size: int = 256, normalize=None, progress=False) -> torch.Tensor:
+    """The encoder's final output tokens only (after its last layer): (N, h*w, D), raster order."""
+    return torch.cat([layers[-1].float().cpu() for layers in
+                      _batched_layers(encoder, images, batch_size, normalize, progress, lambda t: t)])
+
+
 def _batched_layers(encoder, images, batch_size, normalize, progress, reduce):
     was_training = encoder.training
     encoder.eval()

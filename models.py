@@ -394,6 +394,7 @@ class Predictor(nn.Module):
 class Mask:
     context: torch.Tensor  # (Nc,) sorted patch indices the student sees
     target: torch.Tensor  # (Nt,) sorted patch indices to predict, disjoint from context
+    blocks: tuple = ()  # multi-block masking: each target block's sorted patch indices (their union is target)
 
 
 def _uniform(lo: float, hi: float, g: torch.Generator) -> float:
@@ -457,7 +458,8 @@ class MultiBlockMasking:
             targets = targets[:-1]  # the documented fallback
         target = torch.stack(targets).any(0)
         return Mask(context=(context & ~target).flatten().nonzero().squeeze(1),
-                    target=target.flatten().nonzero().squeeze(1))
+                    target=target.flatten().nonzero().squeeze(1),
+                    blocks=tuple(b.flatten().nonzero().squeeze(1) for b in targets))
 
 
 @dataclass

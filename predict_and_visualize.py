@@ -83,10 +83,7 @@ def teacher_targets(model: M.IJEPA, images: torch.Tensor, batch_size: int = 256,
     patch when the whole image is hidden. Per token (layernorm, dyntanh, none) this equals the
     loss's targets exactly (a test checks it); for batchnorm the statistics come from every token
     of `images` instead of a training batch's targets."""
-    # every layer of a batch is produced and only the last kept: one batch's layers in memory at a time
-    final = [layers[-1].float().cpu() for layers in
-             E._batched_layers(model.teacher, images, batch_size, data.normalize, progress, lambda t: t)]
-    tokens = torch.cat(final)  # (N, T, D)
+    tokens = E.final_tokens(model.teacher, images, batch_size, data.normalize, progress)  # (N, T, D)
     return M.apply_feature_norm(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool), model.cfg.feature_norm)
 
 
@@ -123,46 +120,17 @@ def check_image_size(height: int, width: int, patch_size: int) -> None:
 # 2. Masks and predictions
 
 
-class RecordedMultiBlockMasking(M.MultiBlockMasking):
-    """The multi-block masking, unchanged (the same draws, so the same masks), that also keeps the
-    target blocks of every mask it returns: the masking itself returns only their union, and the
-    figure draws each block apart. `blocks` gets one entry per mask: a list of (h*w,) bool tensors."""
+class KeptMasks:
+    """A masking, unchanged (the same draws, so the same masks), that keeps every Mask it returns:
+    the figure draws each target block (Mask.blocks) apart."""
 
-    def __init__(self, **settings):  # the settings of M.MultiBlockMasking
-        super().__init__(**settings)
-        self.blocks, self._drawn = [], []
-
-    def block(self, h, w, scale, aspect, g):
-        grid = super().block(h, w, scale, aspect, g)
-        self._drawn.append(grid.flatten())
-        return grid
+    def __init__(self, masking):
+        self.masking, self.masks = masking, []
 
     def __call__(self, h: int, w: int, g: torch.Generator) -> M.Mask:
-        self._drawn = []
-        mask = super().__call__(h, w, g)
-        self.blocks.append(self._blocks_of(mask, h * w))
+        mask = self.masking(h, w, g)
+        self.masks.append(mask)
         return mask
-
-    def _blocks_of(self, mask: M.Mask, n: int) -> list:
-        # Each attempt draws its target blocks, then its context block. The mask came from the attempt
-        # whose first few target blocks and context give exactly its target and context sets.
-        target, context = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-        target[mask.target], context[mask.context] = True, True
-        per_attempt = self.num_targets + 1
-        for a in range(0, len(self._drawn) - per_attempt + 1, per_attempt):
-            *targets, drawn_context = self._drawn[a:a + per_attempt]
-            for kept in range(len(targets), 0, -1):
-                union = torch.stack(targets[:kept]).any(0)
-                if torch.equal(union, target) and torch.equal(drawn_context & ~union, context):
-                    return targets[:kept]
-        return [target]  # not recognised (the masking draws otherwise): the union, as one block
-
-
-def recorded(masking):
-    """`masking` with its target blocks recorded where it has blocks (multi-block), else itself."""
-    if type(masking) is M.MultiBlockMasking:
-        return RecordedMultiBlockMasking(**dataclasses.asdict(masking))
-    return masking
 
 
 @dataclass
@@ -192,7 +160,7 @@ def mask_and_predict(model: M.IJEPA, images: torch.Tensor, masking, seed: int = 
     p = model.cfg.patch_size
     check_image_size(*images.shape[-2:], p)
     h, w = images.shape[-2] // p, images.shape[-1] // p
-    masking, g = recorded(masking), torch.Generator().manual_seed(seed)
+    masking, g = KeptMasks(masking), torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     features, image, index, context = [], [], [], torch.zeros(len(images), h * w, dtype=torch.bool)
@@ -207,7 +175,10 @@ def mask_and_predict(model: M.IJEPA, images: torch.Tensor, masking, seed: int = 
         seen = batch.context_sample >= 0  # (B, Lc) real context tokens
         context[batch.context_sample[seen] + start, batch.context_pos[seen][:, 0] * w + batch.context_pos[seen][:, 1]] = True
     model.train(was_training)
-    blocks = getattr(masking, "blocks", None)
+    blocks = None
+    if any(mask.blocks for mask in masking.masks):  # multi-block masking: each block as a (T,) bool map
+        blocks = [[torch.zeros(h * w, dtype=torch.bool).index_fill_(0, b, True) for b in mask.blocks]
+                  for mask in masking.masks]
     return Predicted(torch.cat(features), torch.cat(image), torch.cat(index), context, blocks, (h, w))
 
 
@@ -719,7 +690,8 @@ def json_ready(value):
 
 def main(argv=None) -> int:
     """The command line: a mistake a user can make (a missing or corrupt checkpoint, a dataset that
-    is not there or empty, impossible sizes) prints one line, `error: ...`, and returns 2."""
+    is not there or empty, impossible sizes) prints one line, `error: ...`, and returns 1 (as train.py
+    and evaluate.py do)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a train.py checkpoint (default: the reference model, else checkpoints/demo, "
                                          "trained first if missing)")
@@ -747,7 +719,7 @@ def main(argv=None) -> int:
                      args.decoder_steps, args.seed, args.resolution, args.out)
     except (ValueError, FileNotFoundError) as e:
         print(f"predict_and_visualize.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 2
+        return 1
     print_summary(result)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

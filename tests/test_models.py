@@ -184,6 +184,19 @@ def test_multiblock_fallback_keeps_enough_context():
     for _ in range(50):
         m = masking(5, 5, g)
         assert len(m.context) >= 3 and len(m.target) > 0
+        assert torch.equal(torch.cat(m.blocks).unique(), m.target)  # the blocks kept after the fallback
+
+
+def test_multiblock_returns_its_target_blocks_as_rectangles():
+    masking, g = M.MultiBlockMasking(), gen()
+    for _ in range(200):
+        m = masking(8, 8, g)
+        assert 1 <= len(m.blocks) <= masking.num_targets
+        assert torch.equal(torch.cat(m.blocks).unique(), m.target)
+        for block in m.blocks:
+            rows, cols = block // 8, block % 8
+            height, width = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+            assert len(block) == height * width  # a full rectangle
 
 
 def test_multiblock_scale_and_aspect_are_independent():

@@ -160,7 +160,7 @@ def test_mask_and_predict_uses_the_training_masks_and_the_models_own_stages():
     images, _ = scenes(5)
     masking = M.make_masking("multiblock")
     got = PV.mask_and_predict(model, images, masking, seed=7, batch_size=2)
-    # the same masks as the plain masking with the same seed (recording the blocks changes no draw)
+    # the same masks as the plain masking with the same seed (keeping the masks changes no draw)
     batch = M.mask_images(data.normalize(images), 8, masking, torch.Generator().manual_seed(7))
     pos = batch.hidden_pos[batch.is_target]
     assert torch.equal(got.image, batch.hidden_sample[batch.is_target])
@@ -168,12 +168,12 @@ def test_mask_and_predict_uses_the_training_masks_and_the_models_own_stages():
     with torch.no_grad():
         direct = model.predict(model.encode_context(batch), batch)[batch.is_target]
     assert torch.allclose(got.features, direct, atol=1e-5)
-    # context and targets are disjoint; the recorded blocks are the targets, split as the masking drew them
+    # context and targets are disjoint; the kept blocks are the targets, split as the masking drew them
     target = got.is_target()
     assert not (target & got.context).any()
     for i, blocks in enumerate(got.blocks):
         assert 1 <= len(blocks) <= masking.num_targets and torch.equal(torch.stack(blocks).any(0), target[i])
-    assert max(len(blocks) for blocks in got.blocks) == masking.num_targets  # blocks found, not the fallback
+    assert max(len(blocks) for blocks in got.blocks) == masking.num_targets
     # another model gets the same masks from the same seed
     other = PV.mask_and_predict(tiny_model(seed=1), images, masking, seed=7)
     assert torch.equal(other.image, got.image) and torch.equal(other.index, got.index)
@@ -237,7 +237,7 @@ def test_main_on_a_folder_says_that_regions_are_not_measured(tiny_checkpoint, tm
 
 def test_bad_inputs_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
     def error(argv):
-        assert PV.main(["--out", "", *argv]) == 2
+        assert PV.main(["--out", "", *argv]) == 1
         err = capsys.readouterr().err
         assert err.startswith("predict_and_visualize.py: error: ") and err.count("\n") == 1, err
         return err
