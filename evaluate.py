@@ -243,7 +243,7 @@ def prepare_encoder(train_layers: list, test_layers: list, seed: int = 0, concat
     for the linear probe, and the concatenation of the last `concat_last` blocks."""
     out = {"layers": prepare_features(train_layers, test_layers, seed=seed)}
     blocks = len(train_layers) - 1
-    if blocks >= concat_last:
+    if concat_last and blocks >= concat_last:  # concat_last=0: no concatenation probe
         cat = lambda layers: np.concatenate(layers[blocks - concat_last:blocks], axis=1)  # noqa: E731
         out["concat"] = prepare_features([cat(train_layers)], [cat(test_layers)], seed=seed)
     return out
@@ -302,8 +302,9 @@ def cached(cache_dir, key: dict, compute):
             return saved["value"]
     value = compute()
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save({"key": {**key, "version": FEATURES_VERSION}, "value": value}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: parallel probes may fill the same entry
+    torch.save({"key": {**key, "version": FEATURES_VERSION}, "value": value}, tmp)
+    os.replace(tmp, path)
     return value
 
 
@@ -529,7 +530,7 @@ def checkpoint_features(checkpoint: str, dataset: str = "scenes", n_train: int =
 
 
 def probe_all(features: dict, train_labels: dict, test_labels: dict, labels: list, seed: int = 0,
-              progress: bool = True) -> dict:
+              progress: bool = True, concat_last: int = 4) -> dict:
     """`probe_features` for every encoder (and pixels) and every label: {label: {encoder: results}}."""
     results = {}
     for label in labels:
@@ -537,7 +538,7 @@ def probe_all(features: dict, train_labels: dict, test_labels: dict, labels: lis
         results[label] = {"chance": float(np.bincount(y_te).max() / len(y_te)), "n_train": len(train_labels[label]),
                           "n_test": len(y_te)}
     for name, (a, b) in tqdm(features.items(), desc="probe", disable=not progress, mininterval=5):
-        prepared = prepare_encoder(a, b, seed)  # once per encoder, for every label
+        prepared = prepare_encoder(a, b, seed, concat_last)  # once per encoder, for every label
         for label in labels:
             row = probe_features(a, np.asarray(train_labels[label]), b, np.asarray(test_labels[label]), seed=seed,
                                  prepared=prepared)

@@ -9,7 +9,7 @@ it), raw pixels, and, with --ceiling-minutes, the supervised ceiling (the same e
 the labels for that long). Results accumulate in a JSON file, so checkpoints can be probed as the
 run writes them; the figure is drawn from that file.
 
-    python benchmarks/probe_vs_steps.py --run data/reference-run                       # probe what is new, draw
+    python benchmarks/probe_vs_steps.py --run data/reference-run                       # probe what is new (2 processes), draw
     python benchmarks/probe_vs_steps.py --run data/reference-run --ceiling-minutes 2   # and the ceiling
     python benchmarks/probe_vs_steps.py --plot-only                                     # redraw from the JSON
 """
@@ -17,6 +17,7 @@ run writes them; the figure is drawn from that file.
 import argparse
 import glob
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -25,6 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
@@ -49,11 +51,23 @@ def summarise(row: dict, names) -> dict:
                    "knn_top1": row[name]["knn_top1"]} for name in names}
 
 
-def probe(checkpoint: str, names, labels, n_train, n_test, cache_dir, pixels=False) -> dict:
-    got = E.checkpoint_features(checkpoint, "scenes", n_train, n_test, cache_dir=cache_dir, pixels=pixels, progress=False)
+def probe_task(task: tuple) -> tuple:
+    """One unit of work, run in a worker process: ("step", N, path, ...) probes that checkpoint's
+    teacher and student; ("baselines", None, path, ...) probes random init and raw pixels. Linear
+    probe (best layer on validation) and k-NN; no concatenation probe."""
+    kind, step, path, labels, n_train, n_test, cache_dir = task
+    torch.set_num_threads(1)  # the fits are small: one core each, and as many workers as cores
+    names = ("random_init", "pixels") if kind == "baselines" else ("teacher", "student")
+    got = E.checkpoint_features(path, "scenes", n_train, n_test, cache_dir=cache_dir, pixels=kind == "baselines",
+                                progress=False)
     features = {k: v for k, v in got["features"].items() if k in names}
-    results = E.probe_all(features, got["train_labels"], got["test_labels"], labels, got["config"].seed, progress=False)
-    return {label: summarise(results[label], names) for label in labels}, got
+    results = E.probe_all(features, got["train_labels"], got["test_labels"], labels, got["config"].seed,
+                          progress=False, concat_last=0)
+    rows = {label: summarise(results[label], names) for label in labels}
+    if kind == "baselines":
+        for label in labels:
+            rows[label]["chance"] = results[label]["chance"]
+    return kind, step, rows
 
 
 def draw(results: dict, path: str) -> None:
@@ -95,6 +109,7 @@ def main():
     ap.add_argument("--probe-test", type=int, default=2000)
     ap.add_argument("--ceiling-minutes", type=float, help="also train the supervised ceiling for this long per label")
     ap.add_argument("--cache", default="data/feature-cache", help="feature cache folder ('' for none)")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes, one core each")
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
 
@@ -109,19 +124,19 @@ def main():
         sizes = {"probe_train": args.probe_train, "probe_test": args.probe_test, "labels": args.labels}
         if any(results.get(k) != v for k, v in sizes.items()):
             results = {"steps": {}, "baselines": {}, **sizes}  # other sizes or labels: start again
-        for step, path in checkpoints.items():
-            if str(step) in results["steps"]:
-                continue
-            print(f"probing step {step} ({path})", flush=True)
-            results["steps"][str(step)], got = probe(path, ("teacher", "student"), args.labels, args.probe_train,
-                                                     args.probe_test, args.cache)
-            if not results["baselines"]:  # random init and pixels: the same for every checkpoint of the run
-                baselines, _ = probe(path, ("random_init", "pixels"), args.labels, args.probe_train, args.probe_test,
-                                     args.cache, pixels=True)
-                for label in args.labels:
-                    chance = float(max(got["test_labels"][label].bincount()) / args.probe_test)
-                    results["baselines"][label] = {**baselines[label], "chance": chance}
-            _save(results, args.results)
+        tasks = [("step", step, path) for step, path in checkpoints.items() if str(step) not in results["steps"]]
+        if not results["baselines"]:  # random init and pixels: the same for every checkpoint of the run
+            tasks.insert(0, ("baselines", None, next(iter(checkpoints.values()))))
+        tasks = [(*t, args.labels, args.probe_train, args.probe_test, args.cache) for t in tasks]
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for kind, step, rows in pool.imap_unordered(probe_task, tasks):
+                if kind == "baselines":
+                    results["baselines"] = {label: {**rows[label], **results["baselines"].get(label, {})}
+                                            for label in args.labels}
+                else:
+                    results["steps"][str(step)] = rows
+                print(f"probed {kind}{'' if step is None else ' ' + str(step)}", flush=True)
+                _save(results, args.results)
         if args.ceiling_minutes and results.get("ceiling_minutes") != args.ceiling_minutes:
             cfg = E.checkpoint_encoders(next(iter(checkpoints.values())))[1]
             x_tr, ys_tr, x_te, ys_te, _ = E.probe_splits("scenes", cfg.resolution, args.probe_train, args.probe_test, cfg.seed)
