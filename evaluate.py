@@ -7,6 +7,7 @@ multinomial logistic regression whose regularisation is chosen on a validation s
 the test split never takes part in a choice. Beside it: a k-nearest-neighbour probe (cosine, k = 20)
 and a depth probe (a linear map from each token to its patch's depths).
 
+    python evaluate.py probe --json probe.json       # the reference model on the built-in scenes
     python evaluate.py probe --checkpoint checkpoints/demo/checkpoint.pt --dataset scenes --json probe.json
     python evaluate.py probe --checkpoint CKPT --dataset path/to/folder   # class sub-folders; train/ and test/ if present
     python evaluate.py depth --checkpoint CKPT --dataset scenes           # or nyu (data/nyu_depth_v2_labeled.mat)
@@ -599,7 +600,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="linear and k-NN probes of teacher, student, random init and pixels")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="a train.py checkpoint (default: the reference model, else the demo's)")
     p.add_argument("--dataset", default="scenes", help="scenes, stl10, cifar10, or a folder of class sub-folders")
     p.add_argument("--labels", nargs="+", help="labels to probe (scenes: shape count distance)")
     p.add_argument("--train", type=int, default=4000, help="labelled training images (at most)")
@@ -608,13 +609,16 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="data/feature-cache", help="folder for cached features ('' for none)")
     p.add_argument("--json", help="write the results here")
     d = sub.add_parser("depth", help="depth from frozen features: teacher, random init, pixels, per-position mean")
-    d.add_argument("--checkpoint", required=True)
+    d.add_argument("--checkpoint", help="a train.py checkpoint (default: the reference model, else the demo's)")
     d.add_argument("--dataset", default="scenes", choices=["scenes", "nyu"])
     d.add_argument("--train", type=int, default=2000)
     d.add_argument("--test", type=int, default=500)
     d.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     try:
+        if args.checkpoint is None:
+            import train as T  # here, not at the top: train.py imports this module
+            args.checkpoint = T.default_checkpoint()
         if not os.path.isfile(args.checkpoint):
             raise FileNotFoundError(f"no checkpoint at {args.checkpoint!r}: train one with python train.py, or give its path")
         if args.command == "probe":

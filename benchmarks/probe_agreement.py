@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
+import train as T  # noqa: E402
 
 
 def sklearn_probe(train_x, train_y, test_x, test_y, val_fraction=0.2, Cs=(0.01, 0.1, 1.0, 10.0), seed=0, max_iter=1000):
@@ -58,7 +59,7 @@ def best_layer(probe, train_layers, train_y, test_layers, test_y, seed):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="checkpoints/demo/checkpoint.pt")
+    ap.add_argument("--checkpoint", default=T.REFERENCE_CHECKPOINT)
     ap.add_argument("--labels", nargs="+", default=list(data.LABELS), choices=data.LABELS)
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--test", type=int, default=2000)

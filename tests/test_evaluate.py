@@ -8,6 +8,7 @@ import torch
 
 import evaluate as E
 import models as M
+import train as T
 
 
 def blobs(n, d, classes, spread, seed):
@@ -199,6 +200,19 @@ def test_probe_command_on_scenes_writes_the_promised_json(tiny_checkpoint, tmp_p
                    "--train", "120", "--test", "60", "--cache", str(tmp_path / "cache"), "--json", str(again)]) == 0
     assert json.loads(again.read_text()) == json.loads(out.read_text())
     assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_probe_command_defaults_to_the_reference_model(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(T, "REFERENCE_CHECKPOINT", tiny_checkpoint)
+    out = tmp_path / "probe.json"
+    assert E.main(["probe", "--labels", "shape", "--train", "120", "--test", "60", "--cache", "", "--no-pixels",
+                   "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["shape"]) >= {"teacher", "student", "random_init"}
+    monkeypatch.setattr(T, "REFERENCE_CHECKPOINT", str(tmp_path / "absent.pt"))
+    monkeypatch.setattr(T, "DEMO_CHECKPOINT", str(tmp_path / "absent-too.pt"))
+    monkeypatch.setattr(T, "checkpoint_or_train", lambda path, cfg: path)  # (no demo training inside a test)
+    assert E.main(["depth"]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
 
 
 def test_probe_command_on_a_folder(tiny_checkpoint, tmp_path):
