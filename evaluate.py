@@ -1,4 +1,5 @@
-"""Evaluating a frozen encoder: features, the linear and k-NN probes, the depth probe, RankMe.
+"""Evaluating a frozen encoder: features, the linear and k-NN probes, the depth probe, RankMe, and
+the analysis of loss maps and token energy (the feature-normalisation study).
 
 The probe protocol, used everywhere in this project: mean-pool the patch tokens of each block's
 output (before the encoder's last layer) and of the final output, standardise the features, fit a
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 from tqdm import tqdm
 
 import data
@@ -457,7 +458,7 @@ def supervised_ceiling(train_x, train_y, test_x, test_y, classes, minutes, patch
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. Loss maps, token energy and the checkerboard
+# 7. Loss maps, token energy and the checkerboard
 #
 # The feature-normalisation study (issue 23) tests three claims of the feature-normalisation paper
 # on models that differ only in `feature_norm`:
@@ -631,7 +632,7 @@ def energy_auc(energy: torch.Tensor, is_object: torch.Tensor, per_image: bool = 
     0.5 when energy tells nothing, 0 when the order is reversed. Pooled over every patch of every
     image, or (per_image) the mean over the images that have both kinds of patch, which leaves out
     differences of energy between images."""
-    from sklearn.metrics import roc_auc_score  # ties count half, as in the Mann-Whitney U
+    # roc_auc_score: ties count half, as in the Mann-Whitney U
     if not per_image:
         return float(roc_auc_score(is_object.flatten().numpy(), energy.flatten().double().numpy()))
     both = [i for i in range(len(energy)) if 0 < int(is_object[i].sum()) < is_object[i].numel()]
@@ -665,7 +666,7 @@ def normalisation_study(model: M.IJEPA, images: torch.Tensor, object_mask: torch
 
 
 # -----------------------------------------------------------------------------------------------
-# 9. Command line: probe a checkpoint
+# 8. Command line: probe a checkpoint
 
 
 def checkpoint_encoders(path: str) -> tuple:
