@@ -87,6 +87,8 @@ def draw(results: dict, path: str) -> None:
             ax.axhline(base[key]["top1"], color=colour, linestyle=style, label=text)
         ax.axhline(base["chance"], color="lightgrey", linewidth=1, label="chance")
         ax.set_xscale("log")
+        ax.set_xticks(steps, [f"{s:,}" for s in steps], rotation=45)  # the probed steps, not log-axis minor labels
+        ax.minorticks_off()
         ax.set_xlabel("pre-training steps (log scale)")
         ax.set_ylabel("probe top-1 on 2,000 test scenes")
         ax.set_title(f"{label}")

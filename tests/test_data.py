@@ -157,7 +157,7 @@ def test_bad_inputs_raise_value_errors():
 def test_scene_dataset_items_cache_and_tensors():
     ds = data.SceneDataset(40, resolution=(32, 48), seed=3, chunk=16)
     item = ds[17]
-    assert set(item) == {"image", "label", "shape", "count", "distance", "depth", "mask"}
+    assert set(item) == {"image", "label", "shape", "count", "distance", "depth", "mask", "region"}
     assert item["image"].shape == (3, 32, 48) and item["depth"].shape == (32, 48) and item["mask"].dtype == torch.bool
     assert item["label"] == item["shape"] and isinstance(item["count"], int)
     direct = data.render_scenes([17], 32, 48, seed=3)
