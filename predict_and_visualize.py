@@ -99,6 +99,7 @@ def teacher_patches(model: M.IJEPA, images: torch.Tensor, regions=None, ids=None
     """Teacher features, pixels (and regions) of every patch of images (N, C, H, W) in [0, 1]."""
     p = model.cfg.patch_size
     check_image_size(*images.shape[-2:], p)
+    M.check_images(images, p, model.cfg.in_chans)
     grid = (images.shape[-2] // p, images.shape[-1] // p)
     return Patches(features=teacher_targets(model, images, batch_size, progress), pixels=M.patchify(images, p),
                    regions=None if regions is None else patch_regions(regions, p),
@@ -106,14 +107,12 @@ def teacher_patches(model: M.IJEPA, images: torch.Tensor, regions=None, ids=None
 
 
 def check_image_size(height: int, width: int, patch_size: int) -> None:
-    """One-line errors for images smaller than one patch or off the patch grid."""
+    """A one-line error for images smaller than one patch (models.check_images checks the rest: the
+    shape, and sides that are multiples of the patch size)."""
     if height < patch_size or width < patch_size:
         raise ValueError(f"images of {height}x{width} pixels are smaller than one {patch_size}x{patch_size} patch of "
                          f"this model: use images of at least {4 * patch_size}x{4 * patch_size} (the multi-block "
                          f"masking needs 4x4 patches)")
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"image sides must be multiples of the patch size {patch_size}, got {height}x{width}: use e.g. "
-                         f"{height // patch_size * patch_size}x{width // patch_size * patch_size}")
 
 
 # -----------------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ RESULTS = "benchmarks/results/probe_vs_steps.json"
 
 def step_checkpoints(run: str) -> dict:
     """{step: path} of the `step-N.pt` copies in a run folder."""
-    found = {int(re.fullmatch(r"step-(\d+)\.pt", os.path.basename(p)).group(1)): p
-             for p in glob.glob(os.path.join(run, "step-*.pt")) if re.fullmatch(r"step-\d+\.pt", os.path.basename(p))}
+    named = {p: re.fullmatch(r"step-(\d+)\.pt", os.path.basename(p)) for p in glob.glob(os.path.join(run, "step-*.pt"))}
+    found = {int(match.group(1)): p for p, match in named.items() if match}
     if not found:
         raise SystemExit(f"error: no step-N.pt checkpoints in {run!r}: make them with the commands in "
                          "checkpoints/reference/README.md")
@@ -144,7 +144,7 @@ def main():
             x_tr, ys_tr, x_te, ys_te, _ = E.probe_splits("scenes", cfg.resolution, args.probe_train, args.probe_test, cfg.seed)
             for label in args.labels:
                 y_tr, y_te = ys_tr[label], ys_te[label]
-                top1, steps = E.supervised_ceiling(x_tr, y_tr, x_te, y_te, int(max(y_tr.max(), y_te.max())) + 1,
+                top1, steps = E.supervised_ceiling(x_tr, y_tr, x_te, y_te, data.num_classes(label),
                                                    args.ceiling_minutes, cfg.patch_size, seed=cfg.seed)
                 results["baselines"][label]["ceiling"] = {"top1": top1, "stderr": E.standard_error(top1, args.probe_test),
                                                           "steps": steps}
