@@ -565,6 +565,10 @@ class SceneDataset(Dataset):
         """Every region map at once: (N, H, W) uint8, indices into REGIONS."""
         return self._every("region")
 
+    def masks(self):
+        """Every main-object mask at once: (N, H, W) bool, True on the main object's pixels."""
+        return self._every("mask").bool()
+
     def _every(self, key):
         return torch.cat([self._chunk(c)[key] for c in range((len(self) + self.chunk - 1) // self.chunk)])
 

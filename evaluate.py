@@ -97,23 +97,36 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max
     by the number of samples, so the minimum is the same; so is the stopping rule (the largest
     gradient component below `tol`, scikit-learn's default 1e-4). `start` (weights, bias) warm-starts
     the search; the problem is convex, so the optimum does not depend on it. Returns (weights, bias,
-    converged)."""
+    converged).
+
+    The gradient is written out rather than left to autograd (the fits are small, so bookkeeping,
+    not arithmetic, would dominate): with P the softmax probabilities and Y the one-hot labels,
+    d/dW = x^T (P - Y) / n + W / (C n) and d/db = sum over samples of (P - Y) / n."""
     n, d = x.shape
-    W = torch.zeros(d, n_classes, dtype=x.dtype) if start is None else start[0].clone()
-    b = torch.zeros(n_classes, dtype=x.dtype) if start is None else start[1].clone()
-    W.requires_grad_(True)
-    b.requires_grad_(True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
+    theta = torch.zeros(d + 1, n_classes, dtype=x.dtype)  # the weights (d rows), then the bias (one row)
+    if start is not None:
+        theta[:d], theta[d] = start[0], start[1]
+    theta.requires_grad_(True)  # for the optimiser's bookkeeping; the closure sets .grad itself
+    onehot = F.one_hot(y, n_classes).to(x.dtype)  # (n, k)
+    penalty = 1.0 / (C * n)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
+    @torch.no_grad()
     def objective():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ W + b, y, reduction="mean") + (W * W).sum() / (2 * C * n)
-        loss.backward()
+        W, b = theta[:d], theta[d]
+        log_p = torch.addmm(b, x, W).log_softmax(1)  # (n, k)
+        loss = -(log_p * onehot).sum() / n + 0.5 * penalty * (W * W).sum()
+        residual = (log_p.exp() - onehot) / n  # (n, k): d loss / d logits
+        grad = torch.empty_like(theta)
+        torch.addmm(W, x.T, residual, beta=penalty, out=grad[:d])  # x^T residual + penalty * W
+        grad[d] = residual.sum(0)
+        theta.grad = grad
         return loss
 
     opt.step(objective)
-    return W.detach(), b.detach(), opt.state[opt._params[0]]["n_iter"] < max_iter
+    theta = theta.detach()
+    return theta[:d].clone(), theta[d].clone(), opt.state[opt._params[0]]["n_iter"] < max_iter
 
 
 def _standardise(fit_x, *others):
@@ -146,6 +159,7 @@ class PreparedFeatures:
     test: torch.Tensor  # the test set, standardised like `train`
     fit_rows: torch.Tensor  # indices of the fit and validation parts in the training set
     val_rows: torch.Tensor
+    row_space: bool = False  # True when `fit` (more features than rows) is expressed in its rows' span
 
 
 def prepare_features(train_sets: list, test_sets: list, val_fraction: float = 0.2, seed: int = 0) -> PreparedFeatures:
@@ -162,7 +176,8 @@ def prepare_features(train_sets: list, test_sets: list, val_fraction: float = 0.
     pairs = [(_row_space(*_standardise(a[fit], a[val])), _row_space(*_standardise(a, b)))
              for a, b in zip(train_sets, test_sets)]
     stack = lambda i, j: torch.stack([p[i][j] for p in pairs])  # noqa: E731
-    return PreparedFeatures(fit=stack(0, 0), val=stack(0, 1), train=stack(1, 0), test=stack(1, 1), fit_rows=fit, val_rows=val)
+    return PreparedFeatures(fit=stack(0, 0), val=stack(0, 1), train=stack(1, 0), test=stack(1, 1), fit_rows=fit, val_rows=val,
+                            row_space=train_sets[0].shape[1] > len(fit))
 
 
 def probe_prepared(prepared: PreparedFeatures, train_y, test_y, Cs=(0.01, 0.1, 1.0, 10.0), max_iter: int = 1000) -> list:
@@ -175,13 +190,19 @@ def probe_prepared(prepared: PreparedFeatures, train_y, test_y, Cs=(0.01, 0.1, 1
     y_fit, y_val = train_y[prepared.fit_rows], train_y[prepared.val_rows]
     results = []
     for x_fit, x_val, x_train, x_test in zip(prepared.fit, prepared.val, prepared.train, prepared.test):
-        converged, start, scores = True, None, []
+        converged, start, scores, fits = True, None, [], []
         for C in Cs:  # in increasing order, each fit starts from the last one's optimum: fewer steps, the same optimum
             W, b, ok = fit_logistic(x_fit, y_fit, n_classes, C, max_iter, start=start)
             converged, start = converged and ok, (W, b)
+            fits.append((W, b))
             scores.append(float(((x_val @ W + b).argmax(1) == y_val).double().mean()))
         best = int(np.argmax(scores))
-        W, b, ok = fit_logistic(x_train, train_y, n_classes, Cs[best], max_iter)  # the refit works in another basis
+        # the refit: the whole training set at the chosen C. Warm-started from that C's fit when both
+        # share their columns (features, each standardised a little differently); raw pixels are
+        # refit from zero, since their row-space basis (_row_space) changes with the rows.
+        same_columns = x_train.shape[1] == x_fit.shape[1] and not prepared.row_space
+        W, b, ok = fit_logistic(x_train, train_y, n_classes, Cs[best], max_iter,
+                                start=fits[best] if same_columns else None)
         pred = (x_test @ W + b).argmax(1).numpy()
         results.append(ProbeResult(top1=float((pred == test_y.numpy()).mean()), C=Cs[best], val_top1=scores[best],
                                    macro_f1=float(f1_score(test_y.numpy(), pred, average="macro")), predictions=pred,
@@ -602,20 +623,27 @@ def checkerboard_score(loss_map: torch.Tensor, cell: int = 1, permutations: int 
 
 
 @torch.no_grad()
-def token_energy(encoder, images: torch.Tensor, batch_size: int = 256, normalize=None) -> torch.Tensor:
+def token_energy(encoder, images: torch.Tensor, batch_size: int = 256, normalize=None, target: str | None = None) -> torch.Tensor:
     """Token energy: images (N, C, H, W) -> the L2 norm of each patch token (N, h, w).
 
-    Read from the output of the encoder's last block, the last entry of `encode`'s per-block list:
-    before the encoder's last layer (`VisionTransformer.norm`: the affine LayerNorm, or DynTanh) and
-    so before `M.apply_feature_norm`. After those, LayerNorm would have given every token the same
-    norm, which is the claim under test. (With batchnorm and none, the last layer is the identity
-    and this is the teacher's output itself.)"""
+    By default read from the output of the encoder's last block, the last entry of `encode`'s
+    per-block list: before the encoder's last layer (`VisionTransformer.norm`: the affine LayerNorm,
+    or DynTanh) and so before `M.apply_feature_norm`. After those, LayerNorm would have given every
+    token the same norm, which is the claim under test. (With batchnorm and none, the last layer is
+    the identity and this is the teacher's output itself.) `target` (a feature norm's name, e.g. the
+    model's cfg.feature_norm): the norm of the regression target instead, the encoder's final output
+    after `M.apply_feature_norm`, which is what the predictor is trained to match."""
     p = encoder.cfg.patch_size
     grid = (images.shape[-2] // p, images.shape[-1] // p)
-    # _batched_layers yields [block 1, ..., last block, final output]: [-2] is the last block
-    norms = [layers[-2] for layers in _batched_layers(encoder, images, batch_size, normalize, False,
-                                                       lambda t: t.float().norm(dim=-1).cpu())]
-    return torch.cat(norms).reshape(len(images), *grid)
+
+    def norms(layers):  # _batched_layers yields [block 1, ..., last block, final output]
+        if target is None:
+            return layers[-2].float().norm(dim=-1).cpu()
+        out = layers[-1].float()
+        return M.apply_feature_norm(out, torch.ones(out.shape[:2], dtype=torch.bool), target).norm(dim=-1).cpu()
+
+    batches = _batched_layers(encoder, images, batch_size, normalize, False, lambda t: t)
+    return torch.cat([norms(layers) for layers in batches]).reshape(len(images), *grid)
 
 
 def object_patches(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -649,10 +677,13 @@ def normalisation_study(model: M.IJEPA, images: torch.Tensor, object_mask: torch
     `loss_maps`), the dataset-mean loss map and how checkered it is (patch by patch and in 2 x 2
     blocks), the tail of the loss per token and per image, the teacher's token energy and its AUC
     for the main object (pooled, per image, and the per-position mean energy as the baseline that
-    knows only where objects usually are), and image-level RankMe of the teacher."""
+    knows only where objects usually are), the same AUC for the norms of the regression targets
+    (after the feature norm) with their coefficient of variation (0 when every target has the same
+    norm), and image-level RankMe of the teacher."""
     maps = loss_maps(model, images, masking, masks, seed, batch_size, normalize)
     loss_map = dataset_loss_map(maps.loss_sum, maps.count)
     energy = token_energy(model.teacher, images, batch_size, normalize)
+    target_energy = token_energy(model.teacher, images, batch_size, normalize, target=model.cfg.feature_norm)
     is_object = object_patches(object_mask, model.cfg.patch_size)
     usual = energy.mean(0, keepdim=True).expand_as(energy)  # where energy usually is, not what this image shows
     return {"maps": maps, "loss_map": loss_map,
@@ -660,6 +691,8 @@ def normalisation_study(model: M.IJEPA, images: torch.Tensor, object_mask: torch
             "checkerboard_2x2": checkerboard_score(loss_map, 2, permutations, seed),
             "tail_token": tail_ratio(maps.token_loss), "tail_image": tail_ratio(image_losses(maps.loss_sum, maps.count)),
             "energy": energy, "energy_auc": energy_auc(energy, is_object),
+            "target_energy": target_energy, "target_energy_auc": energy_auc(target_energy, is_object),
+            "target_energy_cv": float(target_energy.std() / target_energy.mean()),
             "energy_auc_per_image": energy_auc(energy, is_object, per_image=True),
             "position_auc": energy_auc(usual, is_object),
             "rankme": image_rankme(model.teacher, normalize(images) if normalize else images)}
@@ -667,6 +700,14 @@ def normalisation_study(model: M.IJEPA, images: torch.Tensor, object_mask: torch
 
 # -----------------------------------------------------------------------------------------------
 # 8. Command line: probe a checkpoint
+
+
+ENCODERS = ("teacher", "student", "random_init")  # what a checkpoint gives to probe
+
+
+def _check_encoders(names) -> None:
+    if not set(names) <= set(ENCODERS):
+        raise ValueError(f"unknown encoders {sorted(set(names) - set(ENCODERS))}: choose from {ENCODERS}")
 
 
 def checkpoint_encoders(path: str) -> tuple:
@@ -712,11 +753,14 @@ def probe_splits(dataset: str, resolution: int, n_train: int, n_test: int, seed:
 
 
 def checkpoint_features(checkpoint: str, dataset: str = "scenes", n_train: int = 4000, n_test: int = 2000,
-                        cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True, labels=None) -> dict:
+                        cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True, labels=None,
+                        encoders=ENCODERS) -> dict:
     """Everything a probe of a checkpoint needs: the mean-pooled features of every layer of its
-    teacher, student and random init (cached by checkpoint digest, dataset and sizes) and raw pixels,
-    for the train and test images, with their labels."""
-    encoders, cfg = checkpoint_encoders(checkpoint)
+    `encoders` (teacher, student and random init by default; cached by checkpoint digest, dataset and
+    sizes) and raw pixels, for the train and test images, with their labels."""
+    _check_encoders(encoders)
+    every, cfg = checkpoint_encoders(checkpoint)
+    encoders = {name: every[name] for name in encoders}
     x_tr, ys_tr, x_te, ys_te, names = probe_splits(dataset, cfg.resolution, n_train, n_test, cfg.seed)
     unknown = set(labels or ()) - set(names)
     if unknown:  # said before any feature is extracted
@@ -862,18 +906,22 @@ def depth_data(dataset: str, resolution: int, n_train: int, n_test: int, seed: i
             lambda depth: depth > 0)
 
 
-def run_depth(checkpoint: str, dataset: str = "scenes", n_train: int = 2000, n_test: int = 500, progress=True) -> dict:
-    """The depth probe of a checkpoint's teacher beside random init, raw pixels and the per-position mean."""
-    encoders, cfg = checkpoint_encoders(checkpoint)
+def run_depth(checkpoint: str, dataset: str = "scenes", n_train: int = 2000, n_test: int = 500, progress=True,
+              encoders=("teacher", "random_init"), baselines: bool = True) -> dict:
+    """The depth probe of a checkpoint's `encoders` (its teacher and random init by default) and,
+    with `baselines`, of raw pixels and the per-position mean, on the same splits."""
+    _check_encoders(encoders)
+    every, cfg = checkpoint_encoders(checkpoint)
     x_tr, d_tr, x_te, d_te, valid_fn = depth_data(dataset, cfg.resolution, n_train, n_test, cfg.seed)
     p = cfg.patch_size
     out = {"n_train": len(x_tr), "n_test": len(x_te)}
-    for name in ("teacher", "random_init"):
-        tok = lambda x: token_features(encoders[name], x, normalize=data.normalize, progress=progress)  # noqa: E731
+    for name in encoders:
+        tok = lambda x: token_features(every[name], x, normalize=data.normalize, progress=progress)  # noqa: E731
         out[name] = depth_probe(tok(x_tr), d_tr, tok(x_te), d_te, p, valid_fn, seed=cfg.seed)
-    pix = lambda x: [M.patchify(x, p)]  # noqa: E731
-    out["pixels"] = depth_probe(pix(x_tr), d_tr, pix(x_te), d_te, p, valid_fn, seed=cfg.seed)
-    out["position_mean"] = position_mean_depth(d_tr, d_te, valid_fn)
+    if baselines:
+        pix = lambda x: [M.patchify(x, p)]  # noqa: E731
+        out["pixels"] = depth_probe(pix(x_tr), d_tr, pix(x_te), d_te, p, valid_fn, seed=cfg.seed)
+        out["position_mean"] = position_mean_depth(d_tr, d_te, valid_fn)
     out["test"] = {"images": x_te, "depth": d_te, "valid": valid_fn(d_te)}  # for pictures
     return out
 
@@ -882,7 +930,9 @@ def print_depth_table(out: dict) -> None:
     print(f"\ndepth probe ({out['n_train']} train / {out['n_test']} test images; per-image scale-and-shift "
           f"alignment; valid pixels only)")
     print(f"{'model':<15}{'AbsRel':>9}{'RMSE':>9}{'d<1.25':>9}{'layer':>7}")
-    for name in ("teacher", "random_init", "pixels", "position_mean"):
+    for name in (*ENCODERS, "pixels", "position_mean"):
+        if name not in out:
+            continue
         r = out[name]
         print(f"{name:<15}{r['absrel']:>9.4f}{r['rmse']:>9.3f}{r['delta1']:>9.3f}{str(r.get('layer', '-')):>7}")
 

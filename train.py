@@ -285,10 +285,17 @@ def default_checkpoint() -> str:
 
 
 def checkpoint_or_train(path: str, cfg: TrainConfig) -> str:
-    """`path` if it exists; otherwise train `cfg` into path's folder first, and say so."""
+    """`path` if it holds a finished run; otherwise train `cfg` into path's folder first, and say so.
+    A run that stopped part-way (interrupted, or --stop-after) is resumed, not used as it is."""
+    out = os.path.dirname(path)
     if not os.path.exists(path):
-        print(f"no checkpoint at {path}: training one now ({cfg.steps} steps of {cfg.model} into {os.path.dirname(path)})")
-        train(TrainConfig(**{**asdict(cfg), "out": os.path.dirname(path)}))
+        print(f"no checkpoint at {path}: training one now ({cfg.steps} steps of {cfg.model} into {out})")
+        train(TrainConfig(**{**asdict(cfg), "out": out}))
+        return path
+    state = load_checkpoint(path)
+    if state.get("step", 0) < state.get("total_steps", 0):
+        print(f"{path} stopped at step {state['step']} of {state['total_steps']}: resuming it")
+        train(TrainConfig(**{**asdict(cfg), "out": out, "resume": True}))
     return path
 
 

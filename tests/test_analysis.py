@@ -136,6 +136,18 @@ def test_energy_is_read_before_the_layernorm(micro):
     targets = M.apply_feature_norm(final, torch.ones(final.shape[:2], dtype=torch.bool), "layernorm")
     norms = targets.norm(dim=-1)
     assert torch.allclose(norms, torch.full_like(norms, final.shape[-1] ** 0.5), rtol=1e-3)  # all sqrt(D)
+    target = E.token_energy(model.teacher, images, batch_size=4, normalize=data.normalize, target="layernorm")
+    assert torch.allclose(target.flatten(1), norms, rtol=1e-5)  # the same norms, read by token_energy
+
+
+def test_dyntanh_targets_keep_their_norms():
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig(model="micro", patch_size=8, feature_norm="dyntanh"))
+    images = torch.rand(4, 3, 32, 32)
+    target = E.token_energy(model.teacher, images, batch_size=3, normalize=data.normalize, target="dyntanh")
+    final = E.final_tokens(model.teacher, images, normalize=data.normalize)  # tanh(alpha x): the targets themselves
+    assert torch.allclose(target.flatten(1), final.norm(dim=-1), rtol=1e-5)
+    assert target.std() / target.mean() > 0.01  # unlike LayerNorm's, the norms differ from token to token
 
 
 def test_the_study_runs_end_to_end(micro):
@@ -143,8 +155,10 @@ def test_the_study_runs_end_to_end(micro):
     out = E.normalisation_study(model, images, mask, M.MultiBlockMasking(), masks=2, batch_size=6,
                                 normalize=data.normalize, permutations=50)
     assert out["loss_map"].shape == (4, 4) and out["energy"].shape == (6, 4, 4)
-    for key in ("tail_token", "tail_image", "energy_auc", "energy_auc_per_image", "position_auc", "rankme"):
+    for key in ("tail_token", "tail_image", "energy_auc", "energy_auc_per_image", "position_auc", "rankme",
+                "target_energy_auc", "target_energy_cv"):
         assert np.isfinite(out[key]), key
     assert out["tail_token"] >= 1 and out["tail_image"] >= 1 and 0 <= out["energy_auc"] <= 1
     assert 1 <= out["rankme"] <= len(images)
+    assert out["target_energy_cv"] < 1e-3  # LayerNorm targets: one norm for every token
     assert out["checkerboard"]["cell"] == 1 and out["checkerboard_2x2"]["cell"] == 2

@@ -246,3 +246,15 @@ def test_depth_command_beats_nothing_it_should_not(tiny_checkpoint, tmp_path):
     result = json.loads(out.read_text())
     for name in ("teacher", "random_init", "pixels", "position_mean"):
         assert 0 < result[name]["absrel"] < 1 and 0 < result[name]["delta1"] <= 1
+
+
+def test_the_encoders_asked_for_are_the_ones_measured(tiny_checkpoint, tmp_path):
+    got = E.checkpoint_features(tiny_checkpoint, "scenes", 40, 20, cache_dir=None, pixels=False, progress=False,
+                                encoders=("teacher",))
+    assert set(got["features"]) == {"teacher"}
+    depth = E.run_depth(tiny_checkpoint, "scenes", 40, 10, progress=False, encoders=("student",), baselines=False)
+    assert {"student"} == set(depth) - {"n_train", "n_test", "test"}
+    for call in (lambda: E.checkpoint_features(tiny_checkpoint, encoders=("teachr",)),
+                 lambda: E.run_depth(tiny_checkpoint, encoders=("teachr",))):
+        with pytest.raises(ValueError, match="unknown encoders \\['teachr'\\]: choose from"):
+            call()

@@ -1,5 +1,6 @@
 """train.py: exact resume, checkpoints that refuse what they should, NaN stop, flags, DDP."""
 
+import dataclasses
 import json
 import os
 import re
@@ -38,6 +39,19 @@ def test_resume_gives_identical_weights(tmp_path, packing):
     assert ckpt["step"] == 8 and not os.path.exists(tmp_path / "two" / "checkpoint.pt.tmp")
     rows = [line for line in open(tmp_path / "two" / "log.jsonl")]
     assert len(rows) == 8  # steps 1..4 then 5..8, one row per step at log_every=1
+
+
+def test_checkpoint_or_train_finishes_a_stopped_run_and_then_leaves_it_alone(tmp_path, capsys):
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    cfg = T.TrainConfig(steps=4, **TINY)
+    T.train(T.TrainConfig(**{**dataclasses.asdict(cfg), "out": str(tmp_path / "run"), "stop_after": 2}), progress=False)
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert T.checkpoint_or_train(path, cfg) == path
+    assert "stopped at step 2 of 4: resuming" in capsys.readouterr().out
+    assert torch.load(path, weights_only=True)["step"] == 4
+    before = os.path.getmtime(path)
+    T.checkpoint_or_train(path, cfg)  # finished: used as it is
+    assert os.path.getmtime(path) == before
 
 
 def test_log_rows_hold_the_health_signals(tmp_path):
