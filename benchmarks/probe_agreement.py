@@ -8,6 +8,13 @@ in standard errors, and the time each took.
 
     python benchmarks/probe_agreement.py --checkpoint checkpoints/demo/checkpoint.pt
     python benchmarks/probe_agreement.py --checkpoint CKPT --labels shape --no-pixels
+    python benchmarks/probe_agreement.py --checkpoint CKPT --labels count --encoders student --per-C
+
+--per-C explains a disagreement: for every layer and every C of the grid it prints each
+implementation's validation accuracy, the objective it reached (the same formula for both: mean
+log-loss + |W|^2 / (2 C n)) and whether it converged within max_iter. Two fits that converged reach
+the same optimum (the problem is strictly convex), so a gap in accuracy can only come from a fit
+that stopped early or from a different C or layer chosen on close validation scores.
 """
 
 import argparse
@@ -18,6 +25,8 @@ import time
 import warnings
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -50,6 +59,37 @@ def sklearn_probe(train_x, train_y, test_x, test_y, val_fraction=0.2, Cs=(0.01, 
     return float((clf.predict(scaler.transform(test_x)) == test_y).mean()), scores[best]
 
 
+def objective(x, y, W, b, C):
+    """The objective both implementations minimise, per sample: mean log-loss + |W|^2 / (2 C n)."""
+    x, y, W, b = (torch.as_tensor(np.asarray(v), dtype=torch.float64) for v in (x, y, W, b))
+    return float(F.cross_entropy(x @ W + b, y.long()) + (W * W).sum() / (2 * C * len(x)))
+
+
+def per_C(train_x, train_y, Cs=(0.01, 0.1, 1.0, 10.0), val_fraction=0.2, seed=0, max_iter=1000):
+    """Each C of the grid, fitted on the fit part and scored on the validation part by both
+    implementations, from the same standardised features: a list of dicts."""
+    order = np.random.default_rng(seed).permutation(len(train_x))
+    n_val = max(1, int(round(val_fraction * len(train_x))))
+    val, fit = order[:n_val], order[n_val:]
+    scaler = StandardScaler().fit(train_x[fit])
+    x_fit, x_val = scaler.transform(train_x[fit]), scaler.transform(train_x[val])
+    y_fit, y_val = train_y[fit], train_y[val]
+    n_classes = int(train_y.max()) + 1
+    rows, start = [], None
+    for C in Cs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = LogisticRegression(C=C, max_iter=max_iter).fit(x_fit, y_fit)
+        W, b, ok = E.fit_logistic(torch.as_tensor(x_fit), torch.as_tensor(y_fit).long(), n_classes, C, max_iter, start=start)
+        start = (W, b)  # as the probe does: each C warm-started from the last
+        rows.append(dict(C=C, sklearn_val=float((clf.predict(x_val) == y_val).mean()),
+                         sklearn_objective=objective(x_fit, y_fit, clf.coef_.T, clf.intercept_, C),
+                         sklearn_converged=bool(clf.n_iter_[0] < max_iter),
+                         torch_val=float(((torch.as_tensor(x_val) @ W + b).argmax(1).numpy() == y_val).mean()),
+                         torch_objective=objective(x_fit, y_fit, W, b, C), torch_converged=bool(ok)))
+    return rows
+
+
 def best_layer(probe, train_layers, train_y, test_layers, test_y, seed):
     """(test top-1 of the layer best on validation, that layer), for either probe."""
     results = [probe(a, train_y, b, test_y, seed=seed) for a, b in zip(train_layers, test_layers)]
@@ -64,12 +104,27 @@ def main():
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--no-pixels", action="store_true", help="skip raw pixels (scikit-learn takes minutes per label there)")
+    ap.add_argument("--encoders", nargs="+", default=None, help="only these (teacher student random_init pixels)")
+    ap.add_argument("--per-C", action="store_true", help="validation accuracy, objective and convergence per layer and C")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    wanted = args.encoders or [*E.ENCODERS, "pixels"]
     got = E.checkpoint_features(args.checkpoint, "scenes", args.train, args.test, cache_dir=None,
-                                pixels=not args.no_pixels, progress=False)
+                                pixels=not args.no_pixels and "pixels" in wanted, progress=False,
+                                encoders=[name for name in E.ENCODERS if name in wanted])
     seed = got["config"].seed
+    if args.per_C:
+        for label in args.labels:
+            y_tr = got["train_labels"][label].numpy()
+            for name, (a, _) in got["features"].items():
+                for layer, x in enumerate(a, start=1):
+                    for r in per_C(x, y_tr, seed=seed):
+                        print(f"{label:<9}{name:<12}layer {layer}  C {r['C']:<5g} validation: scikit-learn "
+                              f"{r['sklearn_val']:.4f} torch {r['torch_val']:.4f}   objective: scikit-learn "
+                              f"{r['sklearn_objective']:.6f} torch {r['torch_objective']:.6f}   converged: "
+                              f"{r['sklearn_converged']}/{r['torch_converged']}", flush=True)
+        return
     torch_probe = lambda *a, seed: (lambda r: (r.top1, r.val_top1))(E.linear_probe(*a, seed=seed))  # noqa: E731
     rows = []
     for label in args.labels:

@@ -1,5 +1,6 @@
 """The benchmark scripts: learning.py types recipe changes like the defaults and prints its JSON line;
-train_step.py counts the FLOPs of a step and measures the machine's matmul limit."""
+train_step.py counts the FLOPs of a step and measures the machine's matmul limit; probe_agreement.py
+fits scikit-learn and the torch probe to the same optimum."""
 
 import json
 import os
@@ -15,6 +16,7 @@ import models as M
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import learning  # noqa: E402
+import probe_agreement  # noqa: E402
 import train_step  # noqa: E402
 
 
@@ -88,3 +90,18 @@ def test_train_step_counts_flops_and_measures_the_matmul_limit():
                           "--warmup", "0", "--steps", "2", "--matmul-size", "256"],
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert "model FLOPs per step:" in out and "GFLOP/s; the step reaches" in out
+
+
+def test_both_probe_implementations_reach_the_same_optimum_for_every_C():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (3, 8))
+    y = rng.integers(0, 3, 300)
+    x = centres[y] + rng.normal(0, 1.5, (300, 8))  # overlapping classes: every C has its own optimum
+    rows = probe_agreement.per_C(x, y)
+    assert [r["C"] for r in rows] == [0.01, 0.1, 1.0, 10.0]
+    for r in rows:
+        assert r["sklearn_converged"] and r["torch_converged"]
+        assert r["torch_objective"] == pytest.approx(r["sklearn_objective"], rel=1e-5, abs=1e-6)
+        assert abs(r["torch_val"] - r["sklearn_val"]) <= 1 / 60  # at most one of 60 validation points
+    assert rows[0]["torch_objective"] > rows[-1]["torch_objective"]  # a weaker penalty reaches a lower objective
