@@ -20,6 +20,7 @@ same network at its initial weights (re-created from the checkpoint's seed), and
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -486,7 +487,9 @@ def supervised_ceiling(train_x, train_y, test_x, test_y, classes, minutes, patch
 #   1. LayerNorm of the teacher's features gives every token the same norm, erasing an "energy
 #      hierarchy" in which high-energy tokens mark the semantically important regions: measured by
 #      how well the L2 norm of the teacher's tokens *before* the feature norm picks out the main
-#      object's patches (ROC AUC), beside where objects usually are (the per-position mean energy).
+#      object's patches (ROC AUC), beside where objects usually are (the per-position mean energy)
+#      and beyond it (energy minus that mean); and whether the targets keep it (the same AUCs of the
+#      targets' norms, after the feature norm).
 #   2. Models trained on LayerNorm targets show checkerboard-like artifacts in their loss maps:
 #      measured on the dataset-mean loss at each patch position, by the contrast between the two
 #      colours of a checkerboard laid over it, as a z-score against shuffled positions.
@@ -675,27 +678,36 @@ def normalisation_study(model: M.IJEPA, images: torch.Tensor, object_mask: torch
     """Every measurement of the study for one model, on images (N, C, H, W) of one resolution with
     their main-object pixel masks (N, H, W): the loss maps over `masks` masks per image (see
     `loss_maps`), the dataset-mean loss map and how checkered it is (patch by patch and in 2 x 2
-    blocks), the tail of the loss per token and per image, the teacher's token energy and its AUC
-    for the main object (pooled, per image, and the per-position mean energy as the baseline that
-    knows only where objects usually are), the same AUC for the norms of the regression targets
-    (after the feature norm) with their coefficient of variation (0 when every target has the same
-    norm), and image-level RankMe of the teacher."""
+    blocks), the tail of the loss per token and per image, image-level RankMe of the teacher, and
+    token energy with its AUCs for the main object:
+
+    energy_auc: the teacher's token energy before the feature norm, pooled over every patch;
+    energy_auc_per_image: the same within each image, averaged;
+    position_auc: the per-position mean energy, a score that knows only where objects usually are;
+    energy_auc_beyond_position: energy minus that mean: what energy says about *this* image's object;
+    target_energy_*: the same for the norms of the regression targets (after the feature norm), with
+    their coefficient of variation. When every target has the same norm up to rounding (CV below
+    1e-4: LayerNorm) their AUCs are NaN, since rounding errors would rank the patches."""
     maps = loss_maps(model, images, masking, masks, seed, batch_size, normalize)
     loss_map = dataset_loss_map(maps.loss_sum, maps.count)
-    energy = token_energy(model.teacher, images, batch_size, normalize)
-    target_energy = token_energy(model.teacher, images, batch_size, normalize, target=model.cfg.feature_norm)
     is_object = object_patches(object_mask, model.cfg.patch_size)
-    usual = energy.mean(0, keepdim=True).expand_as(energy)  # where energy usually is, not what this image shows
-    return {"maps": maps, "loss_map": loss_map,
-            "checkerboard": checkerboard_score(loss_map, 1, permutations, seed),
-            "checkerboard_2x2": checkerboard_score(loss_map, 2, permutations, seed),
-            "tail_token": tail_ratio(maps.token_loss), "tail_image": tail_ratio(image_losses(maps.loss_sum, maps.count)),
-            "energy": energy, "energy_auc": energy_auc(energy, is_object),
-            "target_energy": target_energy, "target_energy_auc": energy_auc(target_energy, is_object),
-            "target_energy_cv": float(target_energy.std() / target_energy.mean()),
-            "energy_auc_per_image": energy_auc(energy, is_object, per_image=True),
-            "position_auc": energy_auc(usual, is_object),
-            "rankme": image_rankme(model.teacher, normalize(images) if normalize else images)}
+    out = {"maps": maps, "loss_map": loss_map,
+           "checkerboard": checkerboard_score(loss_map, 1, permutations, seed),
+           "checkerboard_2x2": checkerboard_score(loss_map, 2, permutations, seed),
+           "tail_token": tail_ratio(maps.token_loss), "tail_image": tail_ratio(image_losses(maps.loss_sum, maps.count)),
+           "rankme": image_rankme(model.teacher, normalize(images) if normalize else images)}
+    for name, target in (("energy", None), ("target_energy", model.cfg.feature_norm)):
+        energy = token_energy(model.teacher, images, batch_size, normalize, target=target)
+        usual = energy.mean(0, keepdim=True).expand_as(energy)  # where energy usually is, not what this image shows
+        cv = float(energy.std() / energy.mean())
+        flat = cv < 1e-4
+        out |= {name: energy, f"{name}_cv": cv,
+                f"{name}_auc": math.nan if flat else energy_auc(energy, is_object),
+                f"{name}_auc_per_image": math.nan if flat else energy_auc(energy, is_object, per_image=True),
+                f"{name}_auc_beyond_position": math.nan if flat else energy_auc(energy - usual, is_object)}
+        if name == "energy":
+            out["position_auc"] = energy_auc(usual, is_object)
+    return out
 
 
 # -----------------------------------------------------------------------------------------------
