@@ -608,7 +608,10 @@ def checkerboard_score(loss_map: torch.Tensor, cell: int = 1, permutations: int 
     after shuffling the map's cells (`permutations` seeded shuffles), which keeps every value and
     destroys every spatial pattern; z = (contrast - null_mean) / null_std (0 when the null has no
     spread), p = the share of shuffles at least as checkered (counting the map itself).
-    Cells that are NaN (never predicted) are left out."""
+    Cells that are NaN (never predicted) are left out. A map with no checkerboard at all (contrast 0)
+    scores about z = -1.3, not 0: the null's contrasts are absolute values of a roughly normal gap,
+    whose mean is sqrt(2/pi) of its spread and whose standard deviation is sqrt(1 - 2/pi) of it.
+    Only a large positive z means "checkered"."""
     colour = checker_colours(tuple(loss_map.shape), cell).flatten()
     values = loss_map.double().flatten()
     finite = values.isfinite()
