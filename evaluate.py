@@ -88,33 +88,40 @@ class ProbeResult:
     C: float  # chosen inverse regularisation strength
     val_top1: float  # accuracy on the validation split at that C
     predictions: np.ndarray  # test predictions, for confusion matrices
-    converged: bool  # False when a fit stopped at max_iter
+    converged: bool  # False when a fit stopped before its gradient was shorter than tol
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter: int = 1000, tol: float = 1e-4,
                  start=None):
     """Multinomial logistic regression, full batch, by L-BFGS. The objective is scikit-learn's
     (C x the summed log-loss + half the squared norm of the weights, the bias unpenalised), divided
-    by the number of samples, so the minimum is the same; so is the stopping rule (the largest
-    gradient component below `tol`, scikit-learn's default 1e-4). `start` (weights, bias) warm-starts
-    the search; the problem is convex, so the optimum does not depend on it. Returns (weights, bias,
-    converged).
+    by the number of samples, so the minimum is the same. The search stops when the gradient's length
+    is below `tol`: stricter than scikit-learn's rule (its largest component below tol, default 1e-4),
+    and the same in any rotated basis of the features. `start` (weights, bias) warm-starts the search;
+    the problem is convex, so the optimum does not depend on it. Returns (weights, bias, converged).
 
-    The gradient is written out, to show what L-BFGS follows (autograd gives the same; measured, it
-    was no faster): with P the softmax probabilities and Y the one-hot labels,
-    d/dW = x^T (P - Y) / n + W / (C n) and d/db = sum over samples of (P - Y) / n."""
+    With P the softmax probabilities and Y the one-hot labels, the gradient is
+    d/dW = x^T (P - Y) / n + W / (C n) and d/db = sum over samples of (P - Y) / n.
+
+    Preconditioning: L-BFGS walks in rescaled weights u = W sqrt(h), with h, per feature, the
+    objective's curvature at the start (every class at probability 1/k): mean(x^2) / k + 1 / (C n).
+    When the features are uncorrelated (prepare_features rotates them into the eigenvectors of their
+    covariance) that is the whole Hessian at the start, so every direction looks alike to L-BFGS.
+    Without it, a C = 10 fit on 512 correlated features took hundreds of steps; with it, tens."""
     n, d = x.shape
-    theta = torch.zeros(d + 1, n_classes, dtype=x.dtype)  # the weights (d rows), then the bias (one row)
+    curvature = torch.cat([x.pow(2).mean(0) / n_classes + 1.0 / (C * n), x.new_full((1,), 1.0 / n_classes)])
+    scale = curvature.rsqrt()[:, None]  # (d + 1, 1): theta = u * scale
+    theta = x.new_zeros(d + 1, n_classes)  # the weights (d rows), then the bias (one row)
     if start is not None:
         theta[:d], theta[d] = start[0], start[1]
-    theta.requires_grad_(True)  # for the optimiser's bookkeeping; the closure sets .grad itself
+    u = (theta / scale).requires_grad_(True)  # for the optimiser's bookkeeping; the closure sets .grad itself
     onehot = F.one_hot(y, n_classes).to(x.dtype)  # (n, k)
     penalty = 1.0 / (C * n)
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+    grad_norm = [math.inf]  # of the objective in W and b, at the last point evaluated
 
     @torch.no_grad()
     def objective():
+        theta = u * scale
         W, b = theta[:d], theta[d]
         log_p = torch.addmm(b, x, W).log_softmax(1)  # (n, k)
         loss = -(log_p * onehot).sum() / n + 0.5 * penalty * (W * W).sum()
@@ -122,45 +129,88 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max
         grad = torch.empty_like(theta)
         torch.addmm(W, x.T, residual, beta=penalty, out=grad[:d])  # x^T residual + penalty * W
         grad[d] = residual.sum(0)
-        theta.grad = grad
+        grad_norm[0] = float(grad.norm())
+        u.grad = grad * scale  # the chain rule through theta = u * scale
         return loss
 
-    opt.step(objective)
-    theta = theta.detach()
-    return theta[:d].clone(), theta[d].clone(), opt.state[opt._params[0]]["n_iter"] < max_iter
+    chunk = 10  # L-BFGS iterations between checks of the stopping rule (torch's own rule is a different one)
+    opt = torch.optim.LBFGS([u], lr=1, max_iter=chunk, max_eval=100 * chunk, tolerance_grad=0, tolerance_change=1e-14,
+                            history_size=20, line_search_fn="strong_wolfe")
+    objective()
+    steps = 0
+    while grad_norm[0] > tol and steps < max_iter:
+        opt.step(objective)
+        done = opt.state[u]["n_iter"] - steps
+        steps += done
+        objective()  # the gradient where this chunk ended
+        if done < chunk:  # L-BFGS stopped early: no further progress is possible in floating point
+            break
+    theta = (u * scale).detach()
+    return theta[:d].clone(), theta[d].clone(), grad_norm[0] <= tol
 
 
-def _standardise(fit_x, *others):
-    mean, std = fit_x.mean(0), fit_x.std(0, unbiased=False)
-    std = torch.where(std > 0, std, torch.ones_like(std))  # constant features stay zero, as in scikit-learn
-    return [(x - mean) / std for x in (fit_x, *others)]
+@dataclass
+class Basis:
+    """How a feature set is shown to the logistic regression: standardised by the mean and standard
+    deviation of the rows it is fitted on, then rotated into the eigenvectors of their covariance, so
+    that the coordinates are uncorrelated (which makes fit_logistic's preconditioning exact at the
+    start). The rotation is orthonormal, so the squared norm of the weights, and with it the
+    objective and its optimum, are unchanged. With more features than rows (raw pixels) it keeps only
+    the rows' span, where the L2-penalised optimum lies: each step then costs n x n, not n x d."""
+    mean: torch.Tensor  # (d,)
+    std: torch.Tensor  # (d,)
+    rotation: torch.Tensor  # (d, r), orthonormal columns; r = min(d, n)
+
+    @classmethod
+    def from_rows(cls, x: torch.Tensor) -> tuple:
+        """Rows (n, d) -> (their Basis, their coordinates (n, r))."""
+        mean, std = x.mean(0), x.std(0, unbiased=False)
+        std = torch.where(std > 0, std, torch.ones_like(std))  # constant features stay zero, as in scikit-learn
+        s = (x - mean) / std  # (n, d)
+        span = None
+        if s.shape[1] > s.shape[0]:  # the rows' span: s^T = span @ r, span (d, n) orthonormal
+            span, r = torch.linalg.qr(s.T)
+            s = r.T  # (n, n): the rows in that basis
+        _, eigenvectors = torch.linalg.eigh(s.T @ s)  # of the covariance (times n)
+        rotation = eigenvectors if span is None else span @ eigenvectors
+        return cls(mean, std, rotation), s @ eigenvectors
+
+    def coordinates(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw features (m, d) -> their coordinates (m, r)."""
+        return ((x - self.mean) / self.std) @ self.rotation
+
+    def to_features(self, W: torch.Tensor, b: torch.Tensor) -> tuple:
+        """A linear map (W, b) on the coordinates -> the same map on the raw features."""
+        W_raw = (self.rotation @ W) / self.std[:, None]  # (d, k)
+        return W_raw, b - self.mean @ W_raw
+
+    def from_features(self, W_raw: torch.Tensor, b_raw: torch.Tensor) -> tuple:
+        """A linear map on the raw features -> the map on the coordinates that agrees with it on the
+        rows' span (everywhere, when d <= n)."""
+        return self.rotation.T @ (W_raw * self.std[:, None]), b_raw + self.mean @ W_raw
 
 
-def _row_space(x_fit, x_eval):
-    """With more features than samples (raw pixels), the L2-penalised optimum lies in the span of
-    the training rows: express both sets in an orthonormal basis of it (x_fit = R^T Q^T). The
-    objective, and so the fit, is unchanged (the basis is orthonormal); each step costs n x n
-    instead of n x d."""
-    n, d = x_fit.shape
-    if d <= n:
-        return x_fit, x_eval
-    Q, _ = torch.linalg.qr(x_fit.T)  # (d, n), orthonormal columns
-    return x_fit @ Q, x_eval @ Q
+@dataclass
+class PreparedSet:
+    """One feature set (e.g. one layer) made ready for probing any label: the fit part of the
+    training set in the basis of its own rows, the validation part in the same basis, and for the
+    refit, the whole training set in its basis with the test set in the same."""
+    fit: torch.Tensor  # (n_fit, r)
+    val: torch.Tensor  # (n_val, r)
+    train: torch.Tensor  # (n, r')
+    test: torch.Tensor  # (m, r')
+    fit_basis: Basis
+    train_basis: Basis
 
 
 @dataclass
 class PreparedFeatures:
-    """One or more feature sets (e.g. every layer of an encoder) made ready for probing any label:
-    split into fit and validation parts, standardised, and moved into the training rows' span when
-    they have more features than samples. Preparing once serves every label (for raw pixels the
-    basis is the expensive part). Each is a stack (P, n, d) of the P sets."""
-    fit: torch.Tensor  # the fit part of the training set, standardised on itself
-    val: torch.Tensor  # the validation part, standardised like `fit`
-    train: torch.Tensor  # the whole training set, standardised on itself (the refit)
-    test: torch.Tensor  # the test set, standardised like `train`
+    """One or more feature sets (e.g. every layer of an encoder) prepared once for every label: the
+    split of the training set into fit and validation parts (the same rows for every set) and a
+    PreparedSet per feature set. For raw pixels the bases are the expensive part."""
+    sets: list  # of PreparedSet
     fit_rows: torch.Tensor  # indices of the fit and validation parts in the training set
     val_rows: torch.Tensor
-    row_space: bool = False  # True when `fit` (more features than rows) is expressed in its rows' span
 
 
 def prepare_features(train_sets: list, test_sets: list, val_fraction: float = 0.2, seed: int = 0) -> PreparedFeatures:
@@ -174,36 +224,36 @@ def prepare_features(train_sets: list, test_sets: list, val_fraction: float = 0.
     order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
     n_val = max(1, int(round(val_fraction * n)))
     val, fit = order[:n_val], order[n_val:]
-    pairs = [(_row_space(*_standardise(a[fit], a[val])), _row_space(*_standardise(a, b)))
-             for a, b in zip(train_sets, test_sets)]
-    stack = lambda i, j: torch.stack([p[i][j] for p in pairs])  # noqa: E731
-    return PreparedFeatures(fit=stack(0, 0), val=stack(0, 1), train=stack(1, 0), test=stack(1, 1), fit_rows=fit, val_rows=val,
-                            row_space=train_sets[0].shape[1] > len(fit))
+    sets = []
+    for a, b in zip(train_sets, test_sets):
+        (fit_basis, fit_x), (train_basis, train_x) = Basis.from_rows(a[fit]), Basis.from_rows(a)
+        sets.append(PreparedSet(fit=fit_x, val=fit_basis.coordinates(a[val]), train=train_x,
+                                test=train_basis.coordinates(b), fit_basis=fit_basis, train_basis=train_basis))
+    return PreparedFeatures(sets=sets, fit_rows=fit, val_rows=val)
 
 
 def probe_prepared(prepared: PreparedFeatures, train_y, test_y, Cs=(0.01, 0.1, 1.0, 10.0), max_iter: int = 1000) -> list:
     """Logistic regression on each prepared feature set: C chosen on the validation part, then refit
     on the whole training set at that C and scored once on the test set. A ProbeResult per set."""
     train_y, test_y = torch.as_tensor(np.asarray(train_y)).long(), torch.as_tensor(np.asarray(test_y)).long()
-    if len(prepared.fit_rows) + len(prepared.val_rows) != len(train_y) or prepared.test.shape[1] != len(test_y):
+    if len(prepared.fit_rows) + len(prepared.val_rows) != len(train_y) or len(prepared.sets[0].test) != len(test_y):
         raise ValueError("features and labels differ in length")
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     y_fit, y_val = train_y[prepared.fit_rows], train_y[prepared.val_rows]
     results = []
-    for x_fit, x_val, x_train, x_test in zip(prepared.fit, prepared.val, prepared.train, prepared.test):
+    for s in prepared.sets:
         converged, fits, scores = True, [], []
         for C in Cs:  # in increasing order, each fit starts from the last one's optimum: fewer steps, the same optimum
-            W, b, ok = fit_logistic(x_fit, y_fit, n_classes, C, max_iter, start=fits[-1] if fits else None)
+            W, b, ok = fit_logistic(s.fit, y_fit, n_classes, C, max_iter, start=fits[-1] if fits else None)
             converged = converged and ok
             fits.append((W, b))
-            scores.append(float(((x_val @ W + b).argmax(1) == y_val).double().mean()))
+            scores.append(float(((s.val @ W + b).argmax(1) == y_val).double().mean()))
         best = int(np.argmax(scores))
-        # the refit: the whole training set at the chosen C, warm-started from that C's fit (the same
-        # features, each standardised a little differently); raw pixels are refit from zero, since
-        # their row-space basis (_row_space) changes with the rows.
-        W, b, ok = fit_logistic(x_train, train_y, n_classes, Cs[best], max_iter,
-                                start=None if prepared.row_space else fits[best])
-        pred = (x_test @ W + b).argmax(1).numpy()
+        # the refit on the whole training set at the chosen C starts from that C's fit, carried over
+        # to the whole set's standardisation and basis through the raw features
+        start = s.train_basis.from_features(*s.fit_basis.to_features(*fits[best]))
+        W, b, ok = fit_logistic(s.train, train_y, n_classes, Cs[best], max_iter, start=start)
+        pred = (s.test @ W + b).argmax(1).numpy()
         results.append(ProbeResult(top1=float((pred == test_y.numpy()).mean()), C=Cs[best], val_top1=scores[best],
                                    macro_f1=float(f1_score(test_y.numpy(), pred, average="macro")), predictions=pred,
                                    converged=converged and ok))

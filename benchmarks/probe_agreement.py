@@ -1,7 +1,9 @@
 """Does the fast torch probe measure what the scikit-learn probe measured?
 
 `evaluate.linear_probe` fits its logistic regressions with full-batch L-BFGS in torch, on
-scikit-learn's objective and stopping rule. This script runs both on the same features of a
+scikit-learn's objective, in a rotated basis of the features (the eigenvectors of their
+covariance, with a preconditioner), and stops on a stricter rule (the gradient's length, not its
+largest component, below 1e-4). This script runs both on the same features of a
 checkpoint (teacher, student, random init, raw pixels; the same validation split, the same C grid,
 the same layer choice on validation) and prints their test accuracies side by side, the difference
 in standard errors, and the time each took.

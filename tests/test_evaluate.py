@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate as E
 import models as M
@@ -78,12 +79,49 @@ def test_fit_logistic_reaches_scikit_learns_optimum():
     x, y = blobs(300, 5, 3, 1.5, 7)
     for C in (0.01, 1.0):
         ref = LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(x, y)
-        W, b, converged = E.fit_logistic(torch.as_tensor(x), torch.as_tensor(y), 3, C, tol=1e-9)
+        W, b, converged = E.fit_logistic(torch.as_tensor(x), torch.as_tensor(y), 3, C, tol=1e-6)
         assert converged
         # the softmax is unchanged by a constant added to every class: compare centred parameters
         ours = torch.cat([W.T, b[:, None]], 1).numpy()
         theirs = np.concatenate([ref.coef_, ref.intercept_[:, None]], 1)
         np.testing.assert_allclose(ours - ours.mean(0), theirs - theirs.mean(0), atol=2e-4)
+
+
+def test_basis_changes_the_coordinates_not_the_fit():
+    # more features than rows (as raw pixels): the rotated, truncated basis keeps the rows' span, so
+    # a fit there is the fit on the standardised features themselves
+    rng = np.random.default_rng(5)
+    x = torch.as_tensor(rng.normal(size=(60, 150)) * rng.uniform(0.1, 3, size=150) + 2)
+    y = torch.as_tensor(rng.integers(0, 3, 60))
+    basis, coords = E.Basis.from_rows(x)
+    assert coords.shape == (60, 60)
+    np.testing.assert_allclose(basis.rotation.T @ basis.rotation, np.eye(60), atol=1e-10)  # orthonormal
+    np.testing.assert_allclose(basis.coordinates(x), coords, atol=1e-9)
+    np.testing.assert_allclose(coords.T @ coords, np.diag(np.diag(coords.T @ coords)), atol=1e-8)  # uncorrelated
+    standardised = (x - x.mean(0)) / x.std(0, unbiased=False)
+    W, b, ok = E.fit_logistic(coords, y, 3, 1.0, tol=1e-7)
+    W_direct, b_direct, ok_direct = E.fit_logistic(standardised, y, 3, 1.0, tol=1e-7)
+    assert ok and ok_direct
+    np.testing.assert_allclose(coords @ W + b, standardised @ W_direct + b_direct, atol=1e-4)  # the same logits
+    # a map carried to the raw features and back is the same map, and gives the same logits
+    W_raw, b_raw = basis.to_features(W, b)
+    np.testing.assert_allclose(x @ W_raw + b_raw, coords @ W + b, atol=1e-9)
+    W_back, b_back = basis.from_features(W_raw, b_raw)
+    np.testing.assert_allclose(W_back, W, atol=1e-9)
+    np.testing.assert_allclose(b_back, b, atol=1e-9)
+
+
+def test_preconditioned_fit_stops_on_the_gradient_length():
+    x, y = blobs(300, 5, 3, 1.5, 7)
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    W, b, ok = E.fit_logistic(x, y, 3, 10.0, tol=1e-6)
+    # the gradient at the returned point, by autograd, is shorter than tol
+    theta = torch.cat([W, b[None]]).requires_grad_(True)
+    loss = F.cross_entropy(x @ theta[:-1] + theta[-1], y) + (theta[:-1] ** 2).sum() / (2 * 10.0 * len(x))
+    loss.backward()
+    assert ok and theta.grad.norm() <= 1e-6
+    # a fit cut short says so
+    assert not E.fit_logistic(x, y, 3, 10.0, max_iter=2, tol=1e-6)[2]
 
 
 def test_prepared_layers_probe_as_each_layer_alone():
