@@ -139,11 +139,12 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max
     objective()
     steps = 0
     while grad_norm[0] > tol and steps < max_iter:
+        asked = opt.param_groups[0]["max_iter"] = min(chunk, max_iter - steps)
         opt.step(objective)
         done = opt.state[u]["n_iter"] - steps
         steps += done
         objective()  # the gradient where this chunk ended
-        if done < chunk:  # L-BFGS stopped early: no further progress is possible in floating point
+        if done < asked:  # L-BFGS stopped early: no further progress is possible in floating point
             break
     theta = (u * scale).detach()
     return theta[:d].clone(), theta[d].clone(), grad_norm[0] <= tol
