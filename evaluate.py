@@ -214,6 +214,14 @@ class PreparedFeatures:
     val_rows: torch.Tensor
 
 
+def validation_split(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple:
+    """(validation rows, fit rows) of a training set of n: a seeded random `val_fraction` of it
+    (at least one row) for choosing C and the layer, the rest for fitting."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    return order[:n_val], order[n_val:]
+
+
 def prepare_features(train_sets: list, test_sets: list, val_fraction: float = 0.2, seed: int = 0) -> PreparedFeatures:
     """Lists of P arrays (n, d) and (m, d) with the same d -> PreparedFeatures. The validation part
     is a seeded random fifth of the training set (the same rows for every feature set and label)."""
@@ -222,9 +230,7 @@ def prepare_features(train_sets: list, test_sets: list, val_fraction: float = 0.
     n = len(train_sets[0])
     if any(len(a) != n for a in train_sets) or len({len(a) for a in test_sets}) != 1:
         raise ValueError("every feature set needs the same number of training and of test rows")
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    n_val = max(1, int(round(val_fraction * n)))
-    val, fit = order[:n_val], order[n_val:]
+    val, fit = (torch.from_numpy(rows) for rows in validation_split(n, val_fraction, seed))
     sets = []
     for a, b in zip(train_sets, test_sets):
         (fit_basis, fit_x), (train_basis, train_x) = Basis.from_rows(a[fit]), Basis.from_rows(a)

@@ -39,17 +39,10 @@ import evaluate as E  # noqa: E402
 import train as T  # noqa: E402
 
 
-def split(n, val_fraction, seed):
-    """(validation rows, fit rows): the seeded split of `evaluate.prepare_features`."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(val_fraction * n)))
-    return order[:n_val], order[n_val:]
-
-
 def sklearn_probe(train_x, train_y, test_x, test_y, val_fraction=0.2, Cs=(0.01, 0.1, 1.0, 10.0), seed=0, max_iter=1000):
     """The reference: the same protocol as `evaluate.linear_probe`, fitted by scikit-learn.
     Returns (test top-1, validation top-1 at the chosen C)."""
-    val, fit = split(len(train_x), val_fraction, seed)
+    val, fit = E.validation_split(len(train_x), val_fraction, seed)
 
     def fitted(x, y, C):
         scaler = StandardScaler().fit(x)
@@ -75,7 +68,7 @@ def objective(x, y, W, b, C):
 def per_C(train_x, train_y, Cs=(0.01, 0.1, 1.0, 10.0), val_fraction=0.2, seed=0, max_iter=1000):
     """Each C of the grid, fitted on the fit part and scored on the validation part by both
     implementations, from the same standardised features: a list of dicts."""
-    val, fit = split(len(train_x), val_fraction, seed)
+    val, fit = E.validation_split(len(train_x), val_fraction, seed)
     scaler = StandardScaler().fit(train_x[fit])
     x_fit, x_val = scaler.transform(train_x[fit]), scaler.transform(train_x[val])
     y_fit, y_val = train_y[fit], train_y[val]
