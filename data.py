@@ -590,6 +590,34 @@ def denormalize(images):
     mean, std = (torch.tensor(v).view(3, 1, 1).to(images) for v in (IMAGENET_MEAN, IMAGENET_STD))
     return (images * std + mean).clamp(0, 1)
 
+
+class RandomShiftFlip:
+    """Training-time augmentation of one image (C, H, W): a translation by up to `shift` pixels in
+    each direction (the border pixels repeat into the gap, so no artificial edge appears), and with
+    `flip` a left-right mirror half of the time. I-JEPA needs no augmentation to define its task;
+    on a few thousand real images it is there to make each epoch show slightly different images.
+    The draws come from the generator it is given: packing.BatchStream passes its seeded one, so a
+    seed reproduces every image and a resumed run sees the same ones."""
+
+    def __init__(self, shift: int = 0, flip: bool = False):
+        if shift < 0:
+            raise ValueError(f"shift must be 0 or more pixels, got {shift}")
+        self.shift, self.flip = shift, flip
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.flip and torch.rand((), generator=generator) < 0.5:
+            image = image.flip(-1)
+        s = self.shift
+        if s:
+            height, width = image.shape[-2:]
+            top, left = torch.randint(0, 2 * s + 1, (2,), generator=generator).tolist()
+            padded = F.pad(image[None], (s, s, s, s), mode="replicate")[0]  # (C, H + 2s, W + 2s)
+            image = padded[:, top:top + height, left:left + width]        # moved by (s - top, s - left)
+        return image
+
+    def __repr__(self):
+        return f"RandomShiftFlip(shift={self.shift}, flip={self.flip})"
+
 # -----------------------------------------------------------------------------
 # Real datasets. All return the same item dicts: image (3, H, W) float in [0, 1] at the requested
 # resolution (scaled so it covers H x W, then centre-cropped), label int (-1 when there is none).

@@ -202,32 +202,36 @@ class BatchStream(torch.utils.data.IterableDataset):
     per row). Shard s of n (n = ranks x workers) takes images s, s+n, s+2n, ... of an order
     shuffled by (seed, epoch), and draws sizes and masks from its own generator seeded by
     (seed, epoch, shard), so a seed reproduces every batch. Items of `dataset` are images
-    (C, H, W), (image, label) pairs, or dicts with "image" and optional "label". Use with
+    (C, H, W), (image, label) pairs, or dicts with "image" and optional "label". `augment`, if
+    given, is called as augment(image, generator) on each image before it is sized and masked
+    (e.g. data.RandomShiftFlip), with the same seeded generator. Use with
     `DataLoader(stream, batch_size=None, num_workers=...)`; call `set_epoch` between epochs.
     """
 
     def __init__(self, dataset, masking, patch_size: int, packing: PackingConfig | None = None,
-                 batch_size: int = 64, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
+                 batch_size: int = 64, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 augment=None):
         if packing is not None and packing.patch_size != patch_size:
             raise ValueError(f"packing.patch_size {packing.patch_size} differs from the model's patch size {patch_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.dataset, self.masking, self.patch_size, self.packing = dataset, masking, patch_size, packing
         self.batch_size, self.seed, self.shuffle, self.rank, self.world = batch_size, seed, shuffle, rank, world
-        self.epoch = 0
+        self.augment, self.epoch = augment, 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def _images(self, indices):
+    def _images(self, indices, generator):
         for i in indices:
             item = self.dataset[i]
             if isinstance(item, dict):
-                yield item["image"], int(item.get("label", -1))
+                image, label = item["image"], int(item.get("label", -1))
             elif isinstance(item, (tuple, list)):
-                yield item[0], int(item[1])
+                image, label = item[0], int(item[1])
             else:
-                yield item, -1
+                image, label = item, -1
+            yield (image if self.augment is None else self.augment(image, generator)), label
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -237,7 +241,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         if self.shuffle:
             order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + shard)
-        images = self._images(order[shard::shards].tolist())
+        images = self._images(order[shard::shards].tolist(), g)
         if self.packing is not None:
             yield from pack_images(images, self.packing, self.masking, g)
             return

@@ -46,6 +46,8 @@ class TrainConfig:
     feature_norm: str = "layernorm"
     loss: str = "smooth_l1"
     condition_encoders: bool = False
+    shift: int = 0  # augmentation: translate each training image by up to so many pixels (0: none)
+    flip: bool = False  # augmentation: mirror each training image left-right half of the time
     steps: int | None = None  # length of the run: steps, epochs or minutes (one of them)
     epochs: float | None = None
     minutes: float | None = None
@@ -103,6 +105,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.resume and not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         raise ValueError(f"--resume: no checkpoint at {os.path.join(cfg.out, 'checkpoint.pt')}; "
                          f"start without --resume or point --out at an earlier run")
+    if not 0 <= cfg.shift < cfg.resolution // 2:
+        raise ValueError(f"--shift must be from 0 to less than half the resolution ({cfg.resolution // 2}), got {cfg.shift}")
     if cfg.resolution % cfg.patch_size:
         raise ValueError(f"--resolution {cfg.resolution} must be a multiple of the patch size {cfg.patch_size}")
 
@@ -218,9 +222,9 @@ def load_checkpoint(path: str) -> dict:
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list:
-    now = asdict(cfg)
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in now
-            if k not in RESUMABLE and _plain(saved.get(k)) != _plain(now[k])]
+    now, defaults = asdict(cfg), asdict(TrainConfig())  # a field newer than the checkpoint had its default
+    return [f"{k}: checkpoint {saved.get(k, defaults[k])!r} vs now {now[k]!r}" for k in now
+            if k not in RESUMABLE and _plain(saved.get(k, defaults[k])) != _plain(now[k])]
 
 
 def _plain(v):
@@ -339,7 +343,9 @@ def build_stream(cfg: TrainConfig, dataset, rank=0, world=1) -> P.BatchStream:
         tokens = statistics.mean(h * w for h, w in sizes) / cfg.patch_size ** 2
         rows = max(1, round(cfg.batch_size * tokens / ((probe.context_len + probe.hidden_len) * 0.93)))
         packing = P.PackingConfig(**{**asdict(probe), "rows": rows})
-    return P.BatchStream(dataset, masking, cfg.patch_size, packing, cfg.batch_size, cfg.seed, rank=rank, world=world)
+    augment = data.RandomShiftFlip(cfg.shift, cfg.flip) if cfg.shift or cfg.flip else None
+    return P.BatchStream(dataset, masking, cfg.patch_size, packing, cfg.batch_size, cfg.seed, rank=rank, world=world,
+                         augment=augment)
 
 
 def batches_forever(stream, cfg: TrainConfig, epoch: int, skip: int):
@@ -531,6 +537,9 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--feature-norm", default=d.feature_norm, help=f"one of {M.FEATURE_NORMS}")
     ap.add_argument("--loss", default=d.loss, help=f"one of {M.LOSSES}")
     ap.add_argument("--condition-encoders", action="store_true")
+    ap.add_argument("--shift", type=int, default=d.shift,
+                    help="augmentation: translate each training image by up to N pixels (default 0: none)")
+    ap.add_argument("--flip", action="store_true", help="augmentation: mirror each training image half of the time")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--epochs", type=float)
     ap.add_argument("--minutes", type=float)

@@ -42,6 +42,52 @@ def test_a_fixed_length_run_prints_the_json_table():
     assert shape["pixels"] is None and shape["stderr"] > 0
 
 
+def test_digits_folder_splits_each_class_and_writes_the_images_it_read(tmp_path):
+    import gzip
+    import numpy as np
+    from PIL import Image
+    import digits_folder
+    rng = np.random.default_rng(0)
+    pixels, labels = rng.integers(0, 256, (30, 784)), np.repeat([0, 1, 2], 10)  # 3 classes x 10 images
+    csv = tmp_path / "digits.csv.gz"
+    with gzip.open(csv, "wt") as f:
+        np.savetxt(f, np.column_stack([pixels, labels]), fmt="%d", delimiter=",")
+    images, read = digits_folder.read_digits(str(csv))
+    assert images.shape == (30, 28, 28) and np.array_equal(read, labels)
+    counts = digits_folder.write_folder(images, read, str(tmp_path / "out"), per_class_test=3)
+    assert counts == {"train": 21, "test": 9}
+    seen = []
+    for split, per_class in (("train", 7), ("test", 3)):
+        for k in range(3):
+            files = sorted((tmp_path / "out" / split / str(k)).iterdir())
+            assert len(files) == per_class
+            for f in files:  # each written image is one of the class's rows, exactly
+                image = np.asarray(Image.open(f))
+                match = [i for i in range(30) if np.array_equal(images[i], image)]
+                assert len(match) == 1 and labels[match[0]] == k
+                seen += match
+    assert sorted(seen) == list(range(30))  # every image once, train and test disjoint
+
+
+def test_learning_on_a_folder_trains_with_augmentation_and_probes_its_classes(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for k in range(2):
+            (tmp_path / split / f"c{k}").mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / f"c{k}" / f"{i}.png")
+    tiny = ["resolution=32", "patch_size=8", "batch_size=8", "steps=2", "log_every=1", "shift=2", "flip=true"]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learning.py"), "--dataset", str(tmp_path),
+                          "--set", *tiny, "--json"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "shift 2 px, flips" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["steps"] == 2 and set(result) >= {"class"}
+    row = result["class"]
+    assert row["chance"] == 0.5 and all(0.0 <= row[k] <= 1.0 for k in ("teacher", "student", "random_init", "pixels"))
+
+
 def test_probe_vs_steps_probes_each_kept_checkpoint_and_draws_the_curve(tmp_path):
     import shutil
     import train as T

@@ -191,6 +191,35 @@ def test_normalize_round_trip():
     assert data.normalize(x[0]).shape == (3, 8, 8)
 
 
+def test_random_shift_moves_the_image_and_flip_mirrors_it():
+    image = torch.zeros(3, 12, 10)
+    image[:, 5, 4] = 1.0                                  # one bright pixel
+    image[1, :, 0] = 0.5                                  # a left border column, to see the repeat
+    shift = data.RandomShiftFlip(shift=2)
+    g = torch.Generator().manual_seed(0)
+    moves = set()
+    for _ in range(200):
+        out = shift(image, g)
+        assert out.shape == image.shape
+        (y, x), = (out[0] == 1.0).nonzero().tolist()    # the pixel is there once, moved by at most 2
+        moves.add((y - 5, x - 4))
+        content = image[:, max(0, -(y - 5)):12 - max(0, y - 5), max(0, -(x - 4)):10 - max(0, x - 4)]
+        assert torch.equal(out[:, max(0, y - 5):12 + min(0, y - 5), max(0, x - 4):10 + min(0, x - 4)], content)
+        if x - 4 > 0:                                     # moved right: the border column repeats into the gap
+            assert torch.equal(out[:, :, :x - 4], out[:, :, x - 4:x - 3].expand(-1, -1, x - 4))
+    assert moves == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}  # all 25 moves happen
+    flip = data.RandomShiftFlip(flip=True)
+    outs = [flip(image, g) for _ in range(100)]
+    assert all(torch.equal(o, image) or torch.equal(o, image.flip(-1)) for o in outs)
+    assert 30 < sum(torch.equal(o, image) for o in outs) < 70
+    same = data.RandomShiftFlip()
+    assert torch.equal(same(image, g), image)
+    a, b = (data.RandomShiftFlip(3, True)(image, torch.Generator().manual_seed(5)) for _ in range(2))
+    assert torch.equal(a, b)                              # the generator decides everything
+    with pytest.raises(ValueError, match="shift must be 0 or more pixels, got -1"):
+        data.RandomShiftFlip(-1)
+
+
 def test_draw_samples(tmp_path):
     path = data.draw_samples(data.SceneDataset(8, resolution=32), str(tmp_path / "a" / "s.png"), n=4)
     assert os.path.getsize(path) > 1000

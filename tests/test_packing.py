@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import data as D
 import ec_ijepa
 import models as M
 import packing as P
@@ -142,6 +143,18 @@ def test_dataloader_workers_reproducible_and_complete():
     stream.set_epoch(1)
     other = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
     assert not torch.equal(other[0].context_patches, a[0].context_patches)
+
+
+def test_augmented_stream_is_reproducible_and_changes_only_the_images():
+    data = [(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)), i) for i in range(20)]
+
+    def batches(augment):
+        return list(P.BatchStream(data, M.MultiBlockMasking(), 8, None, batch_size=10, seed=2, augment=augment))
+
+    plain, a, b = batches(None), batches(D.RandomShiftFlip(4, True)), batches(D.RandomShiftFlip(4, True))
+    assert all(torch.equal(x.context_patches, y.context_patches) for x, y in zip(a, b))   # seeded
+    assert not all(torch.equal(x.context_patches, y.context_patches) for x, y in zip(plain, a))
+    assert all(torch.equal(x.labels, y.labels) for x, y in zip(plain, a))            # same images, same order
 
 
 def test_unpacked_stream_sharded_over_ranks_covers_each_image_once():

@@ -27,11 +27,12 @@ def weights(model):
             for k, v in getattr(model, part).state_dict().items()}
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_resume_gives_identical_weights(tmp_path, packing):
-    one = T.train(T.TrainConfig(steps=8, out=str(tmp_path / "one"), packing=packing, **TINY), progress=False)
-    T.train(T.TrainConfig(steps=8, out=str(tmp_path / "two"), stop_after=4, packing=packing, **TINY), progress=False)
-    two = T.train(T.TrainConfig(steps=8, out=str(tmp_path / "two"), resume=True, packing=packing, **TINY), progress=False)
+@pytest.mark.parametrize("variant", [dict(packing=False), dict(packing=True), dict(shift=3, flip=True)],
+                         ids=["batches", "packing", "augmented"])
+def test_resume_gives_identical_weights(tmp_path, variant):
+    one = T.train(T.TrainConfig(steps=8, out=str(tmp_path / "one"), **variant, **TINY), progress=False)
+    T.train(T.TrainConfig(steps=8, out=str(tmp_path / "two"), stop_after=4, **variant, **TINY), progress=False)
+    two = T.train(T.TrainConfig(steps=8, out=str(tmp_path / "two"), resume=True, **variant, **TINY), progress=False)
     assert one.steps == two.steps == 8
     a, b = weights(one.model), weights(two.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -77,6 +78,13 @@ def test_resume_refuses_another_config_and_a_truncated_file(tmp_path):
     with pytest.raises(ValueError, match=f"differing fields: .*{written}"):
         T.train(T.TrainConfig(steps=2, out=str(tmp_path), resume=True, **{**TINY, "lr": 1e-2}), progress=False)
     path = tmp_path / "checkpoint.pt"
+    # a checkpoint written before a config field existed resumes as if it had the field's default
+    older = torch.load(path, weights_only=True)
+    del older["config"]["shift"], older["config"]["flip"]
+    torch.save(older, path)
+    assert T.train(T.TrainConfig(steps=2, out=str(tmp_path), resume=True, **TINY), progress=False).steps == 2
+    with pytest.raises(ValueError, match="differing fields: shift: checkpoint 0 vs now 2"):
+        T.train(T.TrainConfig(steps=2, out=str(tmp_path), resume=True, shift=2, **TINY), progress=False)
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="checkpoint.pt.*truncated or corrupt"):
         T.train(T.TrainConfig(steps=4, out=str(tmp_path), resume=True, **TINY), progress=False)
@@ -146,6 +154,8 @@ def test_training_lowers_the_loss():
     (["--steps", "5", "--minutes", "2"], "exactly one of --steps, --epochs, --minutes"),
     (["--predictor-depth", "0"], "predictor_depth=0: must be at least 1"),
     (["--predictor-dim", "90"], "predictor_dim=90: must be a positive multiple of 4"),
+    (["--shift", "-1"], "--shift must be from 0 to less than half the resolution (32), got -1"),
+    (["--shift", "16", "--resolution", "32", "--patch-size", "4"], "less than half the resolution (16), got 16"),
 ])
 def test_bad_flags_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
