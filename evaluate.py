@@ -600,7 +600,7 @@ def loss_maps(model: M.IJEPA, images: torch.Tensor, masking, masks: int = 4, see
               normalize=None, progress: bool = False) -> LossMaps:
     """Run a whole I-JEPA (its `forward`: teacher, student, predictor and the loss it trains on)
     over images (N, C, H, W) `masks` times, each time with new masks drawn by `masking` (e.g.
-    M.make_masking(cfg.masking)), and scatter every predicted token's loss to its patch.
+    TrainConfig.make_masking()), and scatter every predicted token's loss to its patch.
     All masks come from one torch.Generator seeded with `seed`, in order (pass, image), so one seed
     gives every model the same masks. `normalize` (e.g. data.normalize) is applied to the images
     first, as in training."""

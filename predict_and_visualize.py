@@ -604,7 +604,7 @@ def run(checkpoint: str, dataset: str = "scenes", num_images: int = NUM_IMAGES, 
                          f"use a dataset with more images")
     if len(train_x) < 1:
         raise ValueError(f"{dataset!r} has no training images: the baseline and the decoder need some")
-    masking = M.make_masking(cfg.masking)
+    masking = cfg.make_masking()  # the masking the model was trained with
     evaluated = {}
     for name, net in (("trained", model), ("random_init", random_init_model(cfg))):
         if progress:

@@ -42,6 +42,7 @@ class TrainConfig:
     predictor_depth: int | None = None
     patch_size: int = 8
     masking: str = "multiblock"
+    num_targets: int = 4  # multiblock masking: target blocks per image (2 leave a larger context on small grids)
     packing: bool = False
     feature_norm: str = "layernorm"
     loss: str = "smooth_l1"
@@ -71,6 +72,16 @@ class TrainConfig:
         return M.JEPAConfig(model=self.model, patch_size=self.patch_size, feature_norm=self.feature_norm,
                             loss=self.loss, predictor_dim=self.predictor_dim, predictor_depth=self.predictor_depth)
 
+    def make_masking(self):
+        """The mask sampler this run trains with (models.make_masking, with num_targets for multiblock)."""
+        if self.masking != "multiblock":
+            if self.num_targets != TrainConfig.num_targets:
+                raise ValueError(f"--num-targets applies to multiblock masking only, not {self.masking!r}")
+            return M.make_masking(self.masking)
+        if self.num_targets < 1:
+            raise ValueError(f"--num-targets must be at least 1, got {self.num_targets}")
+        return M.make_masking(self.masking, num_targets=self.num_targets)
+
 
 def build_model(cfg: TrainConfig) -> M.IJEPA:
     """The model a config trains: I-JEPA, or its encoder-conditioned variant (ec_ijepa.py)."""
@@ -92,7 +103,7 @@ RESUMABLE = {"out", "resume", "checkpoint_every", "log_every", "stop_after", "co
 def check_config(cfg: TrainConfig) -> None:
     """Raise a ValueError naming the flag and what is allowed."""
     cfg.jepa_config()  # preset, feature norm and loss names
-    M.make_masking(cfg.masking)
+    cfg.make_masking()
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if sum(x is not None for x in (cfg.steps, cfg.epochs, cfg.minutes)) != 1:
@@ -331,7 +342,7 @@ class NormalizedDataset(torch.utils.data.Dataset):
 
 
 def build_stream(cfg: TrainConfig, dataset, rank=0, world=1) -> P.BatchStream:
-    masking = M.make_masking(cfg.masking)
+    masking = cfg.make_masking()
     packing = None
     if cfg.packing:
         probe = P.PackingConfig.balanced(masking, patch_size=cfg.patch_size, side_range=(cfg.resolution // 2, cfg.resolution),
@@ -533,6 +544,7 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--predictor-depth", type=int, help="predictor blocks (default: the preset's)")
     ap.add_argument("--patch-size", type=int, default=d.patch_size)
     ap.add_argument("--masking", default=d.masking, help=f"one of {sorted(M.MASKINGS)}")
+    ap.add_argument("--num-targets", type=int, default=d.num_targets, help="target blocks per image (multiblock masking)")
     ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d.packing)
     ap.add_argument("--feature-norm", default=d.feature_norm, help=f"one of {M.FEATURE_NORMS}")
     ap.add_argument("--loss", default=d.loss, help=f"one of {M.LOSSES}")

@@ -80,7 +80,7 @@ def test_resume_refuses_another_config_and_a_truncated_file(tmp_path):
     path = tmp_path / "checkpoint.pt"
     # a checkpoint written before a config field existed resumes as if it had the field's default
     older = torch.load(path, weights_only=True)
-    del older["config"]["shift"], older["config"]["flip"]
+    del older["config"]["shift"], older["config"]["flip"], older["config"]["num_targets"]
     torch.save(older, path)
     assert T.train(T.TrainConfig(steps=2, out=str(tmp_path), resume=True, **TINY), progress=False).steps == 2
     with pytest.raises(ValueError, match="differing fields: shift: checkpoint 0 vs now 2"):
@@ -154,6 +154,8 @@ def test_training_lowers_the_loss():
     (["--steps", "5", "--minutes", "2"], "exactly one of --steps, --epochs, --minutes"),
     (["--predictor-depth", "0"], "predictor_depth=0: must be at least 1"),
     (["--predictor-dim", "90"], "predictor_dim=90: must be a positive multiple of 4"),
+    (["--num-targets", "0"], "--num-targets must be at least 1, got 0"),
+    (["--num-targets", "2", "--masking", "window"], "--num-targets applies to multiblock masking only, not 'window'"),
     (["--shift", "-1"], "--shift must be from 0 to less than half the resolution (32), got -1"),
     (["--shift", "16", "--resolution", "32", "--patch-size", "4"], "less than half the resolution (16), got 16"),
 ])
@@ -166,6 +168,13 @@ def test_bad_flags_name_the_flag(argv, message, capsys):
 def test_the_demo_recipe_is_a_fixed_number_of_steps():
     assert (T.parse_args([]).steps, T.parse_args([]).minutes) == (T.DEMO_STEPS, None)  # same schedules on any machine
     assert (T.parse_args(["--minutes", "3"]).steps, T.parse_args(["--epochs", "2"]).steps) == (None, None)
+
+
+def test_num_targets_reaches_the_sampler():
+    masking = T.parse_args(["--num-targets", "2"]).make_masking()
+    g = torch.Generator().manual_seed(0)
+    assert masking.num_targets == 2 and all(len(masking(8, 8, g).blocks) <= 2 for _ in range(50))
+    assert T.TrainConfig().make_masking().num_targets == 4  # the demo recipe's
 
 
 def test_predictor_flags_size_the_predictor():
