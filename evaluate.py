@@ -40,15 +40,35 @@ import models as M
 
 
 @torch.no_grad()
-def layer_features(encoder, images: torch.Tensor, batch_size: int = 256, normalize=None, progress=False) -> list:
+def grid_pool(tokens: torch.Tensor, grid: tuple, cells: int = 1) -> torch.Tensor:
+    """Tokens (B, h*w, D) in raster order over an h x w patch grid -> (B, cells*cells*D): the mean
+    token of each cell of a cells x cells split of the grid, cells in raster order. cells=1 is the
+    plain mean of all tokens, the probe feature of the I-JEPA paper; more cells keep where things
+    are, which the plain mean throws away (a digit's class lies in where its strokes are)."""
+    b, n, d = tokens.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"{n} tokens do not form a {h} x {w} grid")
+    if cells < 1 or h % cells or w % cells:
+        raise ValueError(f"pool grid {cells}: must divide the {h} x {w} patch grid (try 1, or a divisor of both sides)")
+    cell = tokens.view(b, cells, h // cells, cells, w // cells, d).mean((2, 4))  # (B, cells, cells, D)
+    return cell.flatten(1)                                                        # (B, cells*cells*D)
+
+
+def layer_features(encoder, images: torch.Tensor, batch_size: int = 256, normalize=None, progress=False,
+                   pool_grid: int = 1) -> list:
     """Mean-pooled tokens of every block and of the final output, for all images.
 
     images (N, C, H, W) -> list of depth + 1 float32 arrays (N, D): blocks 1..depth (before the
-    encoder's last layer), then the final output (after it). `normalize` is applied to each image
-    batch first (e.g. data.normalize). The encoder's own `encode` is used, so an encoder that
-    encodes in its own way (ec_ijepa.py) is probed as it encodes."""
+    encoder's last layer), then the final output (after it). With pool_grid k > 1 the tokens are
+    pooled over a k x k grid of cells instead (`grid_pool`): arrays (N, k*k*D). `normalize` is
+    applied to each image batch first (e.g. data.normalize). The encoder's own `encode` is used,
+    so an encoder that encodes in its own way (ec_ijepa.py) is probed as it encodes."""
+    p = encoder.cfg.patch_size
+    grid = (images.shape[-2] // p, images.shape[-1] // p)
+    grid_pool(torch.zeros(1, grid[0] * grid[1], 1), grid, pool_grid)  # a bad pool grid fails before any encoding
     return [torch.cat(chunks).numpy() for chunks in zip(*_batched_layers(encoder, images, batch_size, normalize, progress,
-                                                                          lambda t: t.float().mean(1).cpu()))]
+                                                                          lambda t: grid_pool(t.float(), grid, pool_grid).cpu()))]
 
 
 @torch.no_grad()
@@ -825,13 +845,16 @@ def probe_splits(dataset: str, resolution: int, n_train: int, n_test: int, seed:
 
 def checkpoint_features(checkpoint: str, dataset: str = "scenes", n_train: int = 4000, n_test: int = 2000,
                         cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True, labels=None,
-                        encoders=ENCODERS) -> dict:
-    """Everything a probe of a checkpoint needs: the mean-pooled features of every layer of its
-    `encoders` (teacher, student and random init by default; cached by checkpoint digest, dataset and
-    sizes) and raw pixels, for the train and test images, with their labels."""
+                        encoders=ENCODERS, pool_grid: int = 1) -> dict:
+    """Everything a probe of a checkpoint needs: the mean-pooled features (over a pool_grid x
+    pool_grid grid of cells, `grid_pool`) of every layer of its `encoders` (teacher, student and
+    random init by default; cached by checkpoint digest, dataset, sizes and pooling) and raw pixels,
+    for the train and test images, with their labels."""
     _check_encoders(encoders)
     every, cfg = checkpoint_encoders(checkpoint)
     encoders = {name: every[name] for name in encoders}
+    side = cfg.resolution // cfg.patch_size
+    grid_pool(torch.zeros(1, side * side, 1), (side, side), pool_grid)  # a bad pool grid fails before any image is read
     x_tr, ys_tr, x_te, ys_te, names = probe_splits(dataset, cfg.resolution, n_train, n_test, cfg.seed)
     unknown = set(labels or ()) - set(names)
     if unknown:  # said before any feature is extracted
@@ -842,10 +865,11 @@ def checkpoint_features(checkpoint: str, dataset: str = "scenes", n_train: int =
         made_by = digest if name != "random_init" else \
             f"init:{cfg.model}:{cfg.seed}:{cfg.patch_size}:{cfg.feature_norm}:{cfg.condition_encoders}"
         key = dict(checkpoint=made_by, encoder=name, dataset=os.path.abspath(dataset) if os.path.isdir(dataset) else dataset,
-                   resolution=cfg.resolution, n_train=len(x_tr), n_test=len(x_te), seed=cfg.seed)
+                   resolution=cfg.resolution, n_train=len(x_tr), n_test=len(x_te), seed=cfg.seed, pool_grid=pool_grid)
         # cached as tensors (a weights_only load refuses numpy arrays), probed as numpy arrays
         train_layers, test_layers = cached(cache_dir, key, lambda enc=encoder: tuple(
-            [torch.from_numpy(a) for a in layer_features(enc, x, normalize=data.normalize, progress=progress)]
+            [torch.from_numpy(a) for a in layer_features(enc, x, normalize=data.normalize, progress=progress,
+                                                         pool_grid=pool_grid)]
             for x in (x_tr, x_te)))
         features[name] = ([a.numpy() for a in train_layers], [a.numpy() for a in test_layers])
     if pixels:
@@ -874,9 +898,10 @@ def probe_all(features: dict, train_labels: dict, test_labels: dict, labels: lis
 
 
 def run_probe(checkpoint: str, dataset: str = "scenes", n_train: int = 4000, n_test: int = 2000, labels=None,
-              cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True) -> dict:
+              cache_dir="data/feature-cache", pixels: bool = True, progress: bool = True, pool_grid: int = 1) -> dict:
     """The full classification probe of a checkpoint on a dataset: {label: {encoder: results}}."""
-    got = checkpoint_features(checkpoint, dataset, n_train, n_test, cache_dir, pixels, progress, labels)
+    got = checkpoint_features(checkpoint, dataset, n_train, n_test, cache_dir, pixels, progress, labels,
+                              pool_grid=pool_grid)
     labels = labels or got["labels"]
     return probe_all(got["features"], got["train_labels"], got["test_labels"], labels, got["config"].seed, progress)
 
@@ -930,6 +955,8 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=4000, help="labelled training images (at most)")
     p.add_argument("--test", type=int, default=2000, help="test images (at most)")
     p.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel probe")
+    p.add_argument("--pool-grid", type=int, default=1, help="mean-pool the tokens over a K x K grid of cells "
+                   "(default 1: all tokens, the paper's probe; 4 keeps where things are, e.g. for digits)")
     p.add_argument("--cache", default="data/feature-cache", help="folder for cached features ('' for none)")
     p.add_argument("--json", help="write the results here")
     d = sub.add_parser("depth", help="depth from frozen features: teacher, random init, pixels, per-position mean")
@@ -947,7 +974,7 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"no checkpoint at {args.checkpoint!r}: train one with python train.py, or give its path")
         if args.command == "probe":
             results = run_probe(args.checkpoint, args.dataset, args.train, args.test, args.labels,
-                                args.cache or None, not args.no_pixels)
+                                args.cache or None, not args.no_pixels, pool_grid=args.pool_grid)
             print_probe_table(results)
             out = {label: {k: ({m: v for m, v in r.items() if m != "predictions"} if isinstance(r, dict) else r)
                            for k, r in row.items()} for label, row in results.items()}

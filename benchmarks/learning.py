@@ -63,6 +63,8 @@ def main():
                     help="change the recipe: train.TrainConfig fields, e.g. batch_size=64 lr=3e-3 ema=0.998,1.0")
     ap.add_argument("--labels", nargs="+", help="labels to probe (default: all; scenes: shape count distance)")
     ap.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel probe (the slowest part)")
+    ap.add_argument("--pool-grid", type=int, default=1, help="probe the tokens mean-pooled over a K x K grid of cells "
+                    "(default 1: all tokens; 4 keeps where things are, what a digit's class depends on)")
     ap.add_argument("--checkpoint", help="probe this checkpoint of train.py instead of training one")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -88,7 +90,8 @@ def main():
 
     # the project's probe (evaluate.py), on teacher, student, random init (re-created from the seed) and pixels
     got = E.checkpoint_features(checkpoint, args.dataset, args.probe_train, args.probe_test, cache_dir=None,
-                                pixels=not args.no_pixels, progress=not args.json, labels=args.labels)
+                                pixels=not args.no_pixels, progress=not args.json, labels=args.labels,
+                                pool_grid=args.pool_grid)
     results = E.probe_all(got["features"], got["train_labels"], got["test_labels"], args.labels or got["labels"],
                           cfg.seed, progress=not args.json)
     table = {}
@@ -108,8 +111,9 @@ def main():
           f"{cfg.masking} masking{augment}, batch {cfg.batch_size}, lr {cfg.lr}, EMA {cfg.ema[0]}->{cfg.ema[1]}: "
           f"{steps} of {total} scheduled steps, {where}")
     first = next(iter(results.values()))
-    print(f"probe on {args.dataset}: {first['n_train']} train / {first['n_test']} test images, best layer on validation; "
-          f"top-1 accuracy")
+    pooled = "mean of all tokens" if args.pool_grid == 1 else f"tokens mean-pooled over {args.pool_grid} x {args.pool_grid} cells"
+    print(f"probe on {args.dataset}: {first['n_train']} train / {first['n_test']} test images, {pooled}, best layer on "
+          f"validation; top-1 accuracy")
     print(f"{'label':<10}{'chance':>8}{'pixels':>8}{'random':>8}{'student':>9}{'teacher':>9}{'+-1 se':>8}  layers (s/t)")
     for label, r in table.items():
         print(f"{label:<10}{r['chance']:>8.3f}{'-' if r['pixels'] is None else format(r['pixels'], '.3f'):>8}{r['random_init']:>8.3f}{r['student']:>9.3f}"

@@ -253,6 +253,26 @@ def test_probe_command_defaults_to_the_reference_model(tiny_checkpoint, tmp_path
     assert "no checkpoint at" in capsys.readouterr().err
 
 
+def test_grid_pool_averages_each_cell_of_the_patch_grid():
+    h, w, d = 4, 6, 2
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    tokens = torch.stack([rows, cols], -1).float().view(1, h * w, d)     # each token holds its (row, col)
+    assert torch.equal(E.grid_pool(tokens, (h, w), 1), torch.tensor([[1.5, 2.5]]))  # the plain mean
+    cells = E.grid_pool(tokens, (h, w), 2).view(2, 2, d)                 # cells of 2 x 3 tokens
+    assert torch.equal(cells[..., 0], torch.tensor([[0.5, 0.5], [2.5, 2.5]]))  # mean row of each cell
+    assert torch.equal(cells[..., 1], torch.tensor([[1.0, 4.0], [1.0, 4.0]]))  # mean column
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=f"pool grid {bad}: must divide the 4 x 6 patch grid"):
+            E.grid_pool(tokens, (h, w), bad)
+    enc = M.VisionTransformer(M.JEPAConfig().encoder_config())
+    images = torch.rand(3, 3, 32, 32)
+    feats = E.layer_features(enc, images, pool_grid=2)
+    with torch.no_grad():
+        out = enc.encode(images).view(3, 2, 2, 2, 2, -1)                  # (B, cell row, row, cell col, col, D)
+    assert feats[-1].shape == (3, 4 * out.shape[-1])
+    np.testing.assert_allclose(feats[-1], out.mean((2, 4)).flatten(1).numpy(), atol=1e-5)
+
+
 def test_probe_command_on_a_folder(tiny_checkpoint, tmp_path):
     from PIL import Image
     rng = np.random.default_rng(0)
@@ -266,6 +286,9 @@ def test_probe_command_on_a_folder(tiny_checkpoint, tmp_path):
                    "--json", str(out)]) == 0
     result = json.loads(out.read_text())["class"]
     assert result["n_test"] == 12 and result["pixels"]["best_top1"] == 1.0  # colour separates the classes
+    assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--dataset", str(tmp_path / "images"), "--cache", "",
+                   "--pool-grid", "2", "--no-pixels", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["class"]["teacher"]["best_top1"] >= 0.9   # pooled per cell, colour still shows
 
 
 def test_probe_command_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
@@ -276,6 +299,8 @@ def test_probe_command_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--dataset", str(tmp_path / "empty"), "--cache", ""]) == 1
     assert "no images" in capsys.readouterr().err
+    assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--pool-grid", "3", "--cache", ""]) == 1
+    assert "pool grid 3: must divide the 4 x 4 patch grid" in capsys.readouterr().err
 
 
 def test_depth_command_beats_nothing_it_should_not(tiny_checkpoint, tmp_path):
