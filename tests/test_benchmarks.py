@@ -80,12 +80,35 @@ def test_learning_on_a_folder_trains_with_augmentation_and_probes_its_classes(tm
                 Image.fromarray(pixels).save(tmp_path / split / f"c{k}" / f"{i}.png")
     tiny = ["resolution=32", "patch_size=8", "batch_size=8", "steps=2", "log_every=1", "shift=2", "flip=true"]
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learning.py"), "--dataset", str(tmp_path),
-                          "--set", *tiny, "--json"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert "shift 2 px, flips" in out
+                          "--set", *tiny, "--pool-grid", "2", "--json"], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert "shift 2 px, flips" in out and "tokens mean-pooled over 2 x 2 cells" in out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["steps"] == 2 and set(result) >= {"class"}
     row = result["class"]
     assert row["chance"] == 0.5 and all(0.0 <= row[k] <= 1.0 for k in ("teacher", "student", "random_init", "pixels"))
+
+
+def test_pooling_probes_each_encoder_at_each_grid(tmp_path):
+    import numpy as np
+    from PIL import Image
+    import pooling
+    import train as T
+    T.train(T.TrainConfig(steps=2, num_images=32, resolution=32, batch_size=16, out=str(tmp_path / "run")), progress=False)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 8)):
+        for k in range(2):  # the class is where a bright square is: left or right half
+            (tmp_path / "folder" / split / str(k)).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (32, 32), dtype=np.uint8)
+                row = rng.integers(0, 24)
+                pixels[row:row + 8, 16 * k + 4:16 * k + 12] = 255
+                Image.fromarray(pixels).save(tmp_path / "folder" / split / str(k) / f"{i}.png")
+    r = pooling.pooled_probes(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "folder"), grids=(1, 2))
+    assert (r["label"], r["n_train"], r["n_test"]) == ("class", 32, 16)
+    assert r["pixels"] == 1.0  # the pixels say where the square is
+    for name in ("teacher", "student", "random_init"):
+        assert set(r[name]) == {1, 2} and all(0.0 <= v <= 1.0 for v in r[name].values())
 
 
 def test_probe_vs_steps_probes_each_kept_checkpoint_and_draws_the_curve(tmp_path):
