@@ -8,6 +8,7 @@ the optimiser step.
     python train.py                                   # demo recipe: 1,200 steps, 10-15 minutes on 2 CPU cores -> checkpoints/demo/
     python train.py --steps 200 --out checkpoints/run1
     python train.py --steps 400 --out checkpoints/run1 --resume
+    python train.py --dataset data/digits --out checkpoints/digits   # a folder of images (benchmarks/digits_folder.py)
     torchrun --nproc_per_node 2 train.py --steps 100   # DistributedDataParallel
 """
 
