@@ -615,9 +615,6 @@ class RandomShiftFlip:
             image = padded[:, top:top + height, left:left + width]        # moved by (s - top, s - left)
         return image
 
-    def __repr__(self):
-        return f"RandomShiftFlip(shift={self.shift}, flip={self.flip})"
-
 # -----------------------------------------------------------------------------
 # Real datasets. All return the same item dicts: image (3, H, W) float in [0, 1] at the requested
 # resolution (scaled so it covers H x W, then centre-cropped), label int (-1 when there is none).

@@ -39,7 +39,13 @@ import models as M
 # 1. Features
 
 
-@torch.no_grad()
+def check_pool_grid(grid: tuple, cells: int) -> None:
+    """Raise a ValueError unless `cells` divides both sides of the h x w patch grid."""
+    h, w = grid
+    if cells < 1 or h % cells or w % cells:
+        raise ValueError(f"pool grid {cells}: must divide the {h} x {w} patch grid (try 1, or a divisor of both sides)")
+
+
 def grid_pool(tokens: torch.Tensor, grid: tuple, cells: int = 1) -> torch.Tensor:
     """Tokens (B, h*w, D) in raster order over an h x w patch grid -> (B, cells*cells*D): the mean
     token of each cell of a cells x cells split of the grid, cells in raster order. cells=1 is the
@@ -49,12 +55,12 @@ def grid_pool(tokens: torch.Tensor, grid: tuple, cells: int = 1) -> torch.Tensor
     h, w = grid
     if h * w != n:
         raise ValueError(f"{n} tokens do not form a {h} x {w} grid")
-    if cells < 1 or h % cells or w % cells:
-        raise ValueError(f"pool grid {cells}: must divide the {h} x {w} patch grid (try 1, or a divisor of both sides)")
+    check_pool_grid(grid, cells)
     cell = tokens.view(b, cells, h // cells, cells, w // cells, d).mean((2, 4))  # (B, cells, cells, D)
     return cell.flatten(1)                                                        # (B, cells*cells*D)
 
 
+@torch.no_grad()
 def layer_features(encoder, images: torch.Tensor, batch_size: int = 256, normalize=None, progress=False,
                    pool_grid: int = 1) -> list:
     """Mean-pooled tokens of every block and of the final output, for all images.
@@ -66,7 +72,7 @@ def layer_features(encoder, images: torch.Tensor, batch_size: int = 256, normali
     so an encoder that encodes in its own way (ec_ijepa.py) is probed as it encodes."""
     p = encoder.cfg.patch_size
     grid = (images.shape[-2] // p, images.shape[-1] // p)
-    grid_pool(torch.zeros(1, grid[0] * grid[1], 1), grid, pool_grid)  # a bad pool grid fails before any encoding
+    check_pool_grid(grid, pool_grid)  # before any encoding
     return [torch.cat(chunks).numpy() for chunks in zip(*_batched_layers(encoder, images, batch_size, normalize, progress,
                                                                           lambda t: grid_pool(t.float(), grid, pool_grid).cpu()))]
 
@@ -853,8 +859,7 @@ def checkpoint_features(checkpoint: str, dataset: str = "scenes", n_train: int =
     _check_encoders(encoders)
     every, cfg = checkpoint_encoders(checkpoint)
     encoders = {name: every[name] for name in encoders}
-    side = cfg.resolution // cfg.patch_size
-    grid_pool(torch.zeros(1, side * side, 1), (side, side), pool_grid)  # a bad pool grid fails before any image is read
+    check_pool_grid((cfg.resolution // cfg.patch_size,) * 2, pool_grid)  # before any image is read
     x_tr, ys_tr, x_te, ys_te, names = probe_splits(dataset, cfg.resolution, n_train, n_test, cfg.seed)
     unknown = set(labels or ()) - set(names)
     if unknown:  # said before any feature is extracted

@@ -31,11 +31,14 @@ def pooled_probes(checkpoint: str, dataset: str, grids=(1, 2, 4), n_train: int =
     x_tr, ys_tr, x_te, ys_te, labels = E.probe_splits(dataset, cfg.resolution, n_train, n_test, cfg.seed)
     y_tr, y_te = ys_tr[labels[0]].numpy(), ys_te[labels[0]].numpy()
     out = {"label": labels[0], "n_train": len(y_tr), "n_test": len(y_te)}
+    side = cfg.resolution // cfg.patch_size
+    for k in grids:
+        E.check_pool_grid((side, side), k)  # before any encoding
     for name, encoder in encoders.items():
+        tokens = [E.final_tokens(encoder, x, normalize=data.normalize, progress=progress) for x in (x_tr, x_te)]
         out[name] = {}
-        for k in grids:
-            a, b = (E.layer_features(encoder, x, normalize=data.normalize, pool_grid=k, progress=progress)[-1]
-                    for x in (x_tr, x_te))
+        for k in grids:  # one encoding, pooled each way
+            a, b = (E.grid_pool(t, (side, side), k).numpy() for t in tokens)
             out[name][k] = E.linear_probe(a, y_tr, b, y_te, seed=cfg.seed).top1
     if pixels:
         out["pixels"] = E.linear_probe(x_tr.flatten(1).numpy(), y_tr, x_te.flatten(1).numpy(), y_te, seed=cfg.seed).top1

@@ -271,6 +271,8 @@ def test_grid_pool_averages_each_cell_of_the_patch_grid():
         out = enc.encode(images).view(3, 2, 2, 2, 2, -1)                  # (B, cell row, row, cell col, col, D)
     assert feats[-1].shape == (3, 4 * out.shape[-1])
     np.testing.assert_allclose(feats[-1], out.mean((2, 4)).flatten(1).numpy(), atol=1e-5)
+    pooled_final = E.grid_pool(E.final_tokens(enc, images), (4, 4), 2)      # benchmarks/pooling.py's path
+    np.testing.assert_allclose(pooled_final.numpy(), feats[-1], atol=1e-5)
 
 
 def test_probe_command_on_a_folder(tiny_checkpoint, tmp_path):
