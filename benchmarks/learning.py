@@ -57,7 +57,8 @@ def main():
                     "and test/ if present): pre-train on its training images and probe its classes")
     ap.add_argument("--probe-train", type=int, default=4000, help="labelled training images for the probe")
     ap.add_argument("--probe-test", type=int, default=2000, help="held-out test images")
-    ap.add_argument("--out", default=None, help="keep the checkpoint and log here")
+    ap.add_argument("--out", default=None, help="keep the checkpoint and log here (default: a temporary folder, "
+                    "removed once the probe has read the checkpoint)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                     help="change the recipe: train.TrainConfig fields, e.g. batch_size=64 lr=3e-3 ema=0.998,1.0")
@@ -69,6 +70,7 @@ def main():
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    scratch = None  # without --out, the new checkpoint goes into a temporary folder
     if args.checkpoint:  # probe a given checkpoint, no training
         cfg = T.model_from_checkpoint(args.checkpoint)[1]
         trained = T.load_checkpoint(args.checkpoint)
@@ -80,7 +82,9 @@ def main():
             length = {}  # --set steps=N (or epochs, minutes) gives the length
         else:
             length = {"steps": T.DEMO_STEPS} if args.minutes is None else {"minutes": args.minutes}
-        out = args.out or tempfile.mkdtemp(prefix="learning-")
+        if not args.out:
+            scratch = tempfile.TemporaryDirectory(prefix="learning-")
+        out = args.out or scratch.name
         cfg = T.TrainConfig(out=out, seed=args.seed, dataset=args.dataset, **length, **changes)
         t0 = time.perf_counter()
         result = T.train(cfg, progress=not args.json)
@@ -92,6 +96,8 @@ def main():
     got = E.checkpoint_features(checkpoint, args.dataset, args.probe_train, args.probe_test, cache_dir=None,
                                 pixels=not args.no_pixels, progress=not args.json, labels=args.labels,
                                 pool_grid=args.pool_grid)
+    if scratch is not None:
+        scratch.cleanup()  # the features are computed: the checkpoint is no longer needed
     results = E.probe_all(got["features"], got["train_labels"], got["test_labels"], args.labels or got["labels"],
                           cfg.seed, progress=not args.json)
     table = {}

@@ -28,11 +28,16 @@ def test_recipe_changes_are_typed_like_the_defaults():
         learning.recipe_changes(["learning_rate=1e-3"])
 
 
-def test_a_fixed_length_run_prints_the_json_table():
+def test_a_fixed_length_run_prints_the_json_table_and_leaves_no_files(tmp_path):
     tiny = ["num_images=64", "resolution=32", "batch_size=16", "steps=2", "log_every=1"]
+    scratch = tmp_path / "tmp"  # the run's temporary folder goes here, and must be empty again at the end
+    scratch.mkdir()
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learning.py"), "--set", *tiny,
                           "--probe-train", "160", "--probe-test", "80", "--labels", "shape", "--no-pixels", "--json"],
-                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+                         capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "TMPDIR": str(scratch)}).stdout
+    left = [p.name for p in scratch.iterdir() if p.name.startswith("learning-")]  # (torch may add its own cache folder)
+    assert left == [], f"learning.py without --out left its checkpoint behind: {left}"
     result = json.loads(out.strip().splitlines()[-1])
     assert result["steps"] == result["total_steps"] == 2  # steps=2 replaced the default --minutes
     assert 0 < result["train_minutes"] <= result["minutes"]

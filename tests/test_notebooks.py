@@ -18,7 +18,8 @@ if sys.argv[1] == "under-pytest":
 namespace = {}
 exec(sys.stdin.read(), namespace)
 print(json.dumps({"quick": namespace["QUICK"], "figures": str(namespace["FIGURES"]),
-                  "checkpoints": str(namespace["CHECKPOINTS"]), "root": str(namespace["ROOT"])}))
+                  "checkpoints": str(namespace["CHECKPOINTS"]), "root": str(namespace["ROOT"]),
+                  "quick_dir": namespace["os"].environ.get("IJEPA_QUICK_DIR")}))
 """
 
 
@@ -41,10 +42,13 @@ def test_the_test_command_runs_notebooks_quick_into_a_temporary_folder(notebook)
     assert got["quick"] and Path(got["root"]) == ROOT
     for key in ("figures", "checkpoints"):
         assert ROOT not in Path(got[key]).parents, f"quick mode writes {key} into the repository: {got[key]}"
+        assert Path(got["quick_dir"]) in Path(got[key]).parents, f"{key} outside the test command's folder"
+    assert not Path(got["quick_dir"]).exists(), "the test command leaves its quick-mode folder behind"
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_a_person_gets_the_full_mode_and_ci_the_quick_one(notebook):
+def test_a_person_gets_the_full_mode_and_ci_the_quick_one(notebook, tmp_path):
     got = run_setup_cell(notebook, "by-hand")
     assert not got["quick"] and Path(got["figures"]) == ROOT / "images" and Path(got["checkpoints"]) == ROOT / "checkpoints"
-    assert run_setup_cell(notebook, "by-hand", CI="true")["quick"]
+    got = run_setup_cell(notebook, "by-hand", CI="true", IJEPA_QUICK_DIR=str(tmp_path))  # its folder inside pytest's
+    assert got["quick"] and tmp_path in Path(got["figures"]).parents
