@@ -25,7 +25,7 @@ print(json.dumps({"quick": namespace["QUICK"], "figures": str(namespace["FIGURES
 
 def run_setup_cell(notebook, mode, **env_changes):
     cell = next("".join(c["source"]) for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code")
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "IJEPA_NOTEBOOK_MODE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "IJEPA_NOTEBOOK_MODE", "IJEPA_QUICK_DIR")}
     env.update(env_changes)
     out = subprocess.run([sys.executable, "-c", PROBE, mode], input=cell, capture_output=True, text=True,
                          cwd=ROOT / "notebooks", env=env, check=True).stdout
