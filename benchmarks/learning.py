@@ -3,8 +3,8 @@
 Runs `train.py`'s defaults (the demo recipe, 1,200 steps) on the built-in scenes (or on a folder
 of real images with --dataset), then fits the project's linear probe (evaluate.py: best layer
 chosen on validation) on held-out images for each label, for: the teacher, the student, the same
-network at its exact initial weights, and raw pixels. A falling loss proves nothing; only the probe against these baselines says whether the
-encoder learned something.
+network at its exact initial weights, and raw pixels. A falling loss proves nothing; only the
+probe against these baselines says whether the encoder learned something.
 
     python benchmarks/learning.py                  # the demo recipe: 1,200 steps, 10-15 minutes here
     python benchmarks/learning.py --minutes 3 --json   # a time budget instead of a number of steps

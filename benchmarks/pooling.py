@@ -24,10 +24,10 @@ import data  # noqa: E402
 import evaluate as E  # noqa: E402
 
 
-def pooled_probes(checkpoint: str, dataset: str, grids=(1, 2, 4), n_train: int = 4000, n_test: int = 2000,
+def pooled_probes(encoders: dict, cfg, dataset: str, grids=(1, 2, 4), n_train: int = 4000, n_test: int = 2000,
                   pixels: bool = True, progress: bool = False) -> dict:
-    """{encoder: {k: test top-1}} for the final tokens pooled over k x k cells, and {"pixels": top-1}."""
-    encoders, cfg = E.checkpoint_encoders(checkpoint)
+    """{encoder: {k: test top-1}} for the final tokens pooled over k x k cells, and {"pixels": top-1}.
+    `encoders` and `cfg` are what evaluate.checkpoint_encoders returns for a checkpoint."""
     x_tr, ys_tr, x_te, ys_te, labels = E.probe_splits(dataset, cfg.resolution, n_train, n_test, cfg.seed)
     y_tr, y_te = ys_tr[labels[0]].numpy(), ys_te[labels[0]].numpy()
     out = {"label": labels[0], "n_train": len(y_tr), "n_test": len(y_te)}
@@ -57,10 +57,10 @@ def main():
     results, probed_pixels = {}, set()
     for path in args.checkpoints:
         t0 = time.perf_counter()
-        resolution = E.checkpoint_encoders(path)[1].resolution  # pixels once per resolution: the same images
-        r = results[path] = pooled_probes(path, args.dataset, args.grids, args.train, args.test,
-                                          pixels=resolution not in probed_pixels)
-        probed_pixels.add(resolution)
+        encoders, cfg = E.checkpoint_encoders(path)
+        r = results[path] = pooled_probes(encoders, cfg, args.dataset, args.grids, args.train, args.test,
+                                          pixels=cfg.resolution not in probed_pixels)  # pixels once per resolution
+        probed_pixels.add(cfg.resolution)
         se = E.standard_error(0.9, r["n_test"])
         print(f"\n{path}: final tokens pooled over k x k cells, probe on {r['n_train']} / {r['n_test']} images "
               f"({r['label']}; one standard error at 0.9 is {se:.3f}; {time.perf_counter() - t0:.0f} s)")

@@ -97,6 +97,7 @@ def test_learning_on_a_folder_trains_with_augmentation_and_probes_its_classes(tm
 def test_pooling_probes_each_encoder_at_each_grid(tmp_path):
     import numpy as np
     from PIL import Image
+    import evaluate as E
     import pooling
     import train as T
     T.train(T.TrainConfig(steps=2, num_images=32, resolution=32, batch_size=16, out=str(tmp_path / "run")), progress=False)
@@ -109,7 +110,8 @@ def test_pooling_probes_each_encoder_at_each_grid(tmp_path):
                 row = rng.integers(0, 24)
                 pixels[row:row + 8, 16 * k + 4:16 * k + 12] = 255
                 Image.fromarray(pixels).save(tmp_path / "folder" / split / str(k) / f"{i}.png")
-    r = pooling.pooled_probes(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "folder"), grids=(1, 2))
+    encoders, cfg = E.checkpoint_encoders(str(tmp_path / "run" / "checkpoint.pt"))
+    r = pooling.pooled_probes(encoders, cfg, str(tmp_path / "folder"), grids=(1, 2))
     assert (r["label"], r["n_train"], r["n_test"]) == ("class", 32, 16)
     assert r["pixels"] == 1.0  # the pixels say where the square is
     for name in ("teacher", "student", "random_init"):
