@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+import models as M
+
 SHAPES = ("sphere", "cube", "cylinder", "cone")
 LABELS = ("shape", "count", "distance")
 SPLITS = ("train", "val", "test")
@@ -345,6 +347,17 @@ def _noise_bank():
 
 
 REGIONS = ("sky", "ground", "main object", "distractor")  # render_scenes()'s region codes 0-3
+MAIN_OBJECT = REGIONS.index("main object")
+
+
+def patch_regions(regions, patch_size):
+    """Region maps (N, H, W) of codes into REGIONS -> (N, h, w): what each patch shows, the code of
+    most of its pixels (ties: the lower code). The one definition of "this patch shows the main
+    object" (== MAIN_OBJECT), used by the predictor's retrieval and the token-energy study alike."""
+    N, H, W = regions.shape
+    codes = M.patchify(regions[:, None].long(), patch_size)  # (N, h*w, p*p)
+    counts = F.one_hot(codes, len(REGIONS)).sum(2)  # (N, h*w, regions)
+    return counts.argmax(2).reshape(N, H // patch_size, W // patch_size)  # argmax keeps the first of equal counts
 
 
 def render_scenes(indices, height, width, seed=0, config=SceneConfig()):
@@ -368,7 +381,6 @@ def render_scenes(indices, height, width, seed=0, config=SceneConfig()):
 @torch.no_grad()
 def _render(sc, H, W, config):
     """The ray caster proper: scene layout (sample_scenes) -> render_scenes() output."""
-    P = H * W
     f, grid, axes, dirs = _camera_rays(sc, H, W, config.fov)
 
     def to_camera(points):  # (B, ..., 3) world -> camera frame

@@ -39,6 +39,8 @@ from tqdm import tqdm
 
 import data
 import evaluate as E
+from evaluation.features import final_tokens
+from evaluation.stats import mean_and_se
 import models as M
 import train as T
 
@@ -83,15 +85,8 @@ def teacher_targets(model: M.IJEPA, images: torch.Tensor, batch_size: int = 256,
     patch when the whole image is hidden. Per token (layernorm, dyntanh, none) this equals the
     loss's targets exactly (a test checks it); for batchnorm the statistics come from every token
     of `images` instead of a training batch's targets."""
-    tokens = E.final_tokens(model.teacher, images, batch_size, data.normalize, progress)  # (N, T, D)
+    tokens = final_tokens(model.teacher, images, batch_size, data.normalize, progress)  # (N, T, D)
     return M.apply_feature_norm(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool), model.cfg.feature_norm)
-
-
-def patch_regions(regions: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Region maps (N, H, W) of codes into data.REGIONS -> (N, h*w): each patch's majority code (ties:
-    the lower code)."""
-    codes = E.patch_targets(regions, patch_size).long()  # (N, T, p*p)
-    return F.one_hot(codes, len(data.REGIONS)).sum(2).argmax(2)  # argmax keeps the first of equal counts
 
 
 def teacher_patches(model: M.IJEPA, images: torch.Tensor, regions=None, ids=None, batch_size: int = 256,
@@ -102,7 +97,7 @@ def teacher_patches(model: M.IJEPA, images: torch.Tensor, regions=None, ids=None
     M.check_images(images, p, model.cfg.in_chans)
     grid = (images.shape[-2] // p, images.shape[-1] // p)
     return Patches(features=teacher_targets(model, images, batch_size, progress), pixels=M.patchify(images, p),
-                   regions=None if regions is None else patch_regions(regions, p),
+                   regions=None if regions is None else data.patch_regions(regions, p).flatten(1),
                    ids=torch.arange(len(images)) if ids is None else ids, grid=grid)
 
 
@@ -179,15 +174,6 @@ def mask_and_predict(model: M.IJEPA, images: torch.Tensor, masking, seed: int = 
         blocks = [[torch.zeros(h * w, dtype=torch.bool).index_fill_(0, b, True) for b in mask.blocks]
                   for mask in masking.masks]
     return Predicted(torch.cat(features), torch.cat(image), torch.cat(index), context, blocks, (h, w))
-
-
-def random_init_model(cfg: T.TrainConfig) -> M.IJEPA:
-    """The whole I-JEPA (student, teacher, predictor) at the exact weights a run of `cfg` started from:
-    train.train seeds with cfg.seed right before building the model, and so does this (as
-    evaluate.checkpoint_encoders does for the encoders). The caller's random state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return T.build_model(cfg)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -353,13 +339,6 @@ def prediction_metrics(predicted: Predicted, queries: Patches, gallery: Patches,
     n = len(queries.features)
     per_image = {name: per_image_mean(v, predicted.image, n) for name, v in per_token.items()}
     return Measured(per_image, index[:, 0], decoded)
-
-
-def mean_and_se(values: torch.Tensor) -> dict:
-    """Mean over images and its standard error (sample standard deviation / sqrt(n))."""
-    v = values.double()
-    se = float(v.std() / len(v) ** 0.5) if len(v) > 1 else float("nan")
-    return {"mean": float(v.mean()), "se": se}
 
 
 def summarise(measured: Measured) -> dict:
@@ -606,7 +585,7 @@ def run(checkpoint: str, dataset: str = "scenes", num_images: int = NUM_IMAGES, 
         raise ValueError(f"{dataset!r} has no training images: the baseline and the decoder need some")
     masking = cfg.make_masking()  # the masking the model was trained with
     evaluated = {}
-    for name, net in (("trained", model), ("random_init", random_init_model(cfg))):
+    for name, net in (("trained", model), ("random_init", T.initial_model(cfg))):
         if progress:
             print(f"{name.replace('_', ' ')}: teacher features, predictions, pixel decoder, retrieval")
         evaluated[name] = predict_and_measure(net, held_out, regions, train_x, masking, num_images, gallery_size,

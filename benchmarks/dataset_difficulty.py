@@ -24,7 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
-import evaluate as E  # noqa: E402
+import evaluation.features as EF  # noqa: E402
+import evaluation.logistic as LR  # noqa: E402
+import evaluation.probes as PR  # noqa: E402
+import evaluation.stats as ST  # noqa: E402
+import studies.supervised as SV  # noqa: E402
 import models as M  # noqa: E402
 
 
@@ -54,23 +58,23 @@ def main():
     n = args.probe_train
     torch.manual_seed(0)
     random_encoder = M.VisionTransformer(M.JEPAConfig(model="micro", patch_size=args.patch).encoder_config())
-    rand_train = E.layer_features(random_encoder, train_x[:n], normalize=data.normalize)
-    rand_test = E.layer_features(random_encoder, test_x, normalize=data.normalize)
+    rand_train = EF.layer_features(random_encoder, train_x[:n], normalize=data.normalize)
+    rand_test = EF.layer_features(random_encoder, test_x, normalize=data.normalize)
     pix_train, pix_test = train_x[:n].flatten(1).numpy(), test_x.flatten(1).numpy()
 
     table = {}
     for label in args.labels:
         y_train, y_test = train_set.tensors(label)[1], test_set.tensors(label)[1]
         row = {"chance": float(np.bincount(y_test.numpy()).max() / len(y_test))}
-        row["pixels"] = E.linear_probe(pix_train, y_train[:n].numpy(), pix_test, y_test.numpy()).top1
-        best = E.probe_best_layer(rand_train, y_train[:n].numpy(), rand_test, y_test.numpy())
+        row["pixels"] = LR.linear_probe(pix_train, y_train[:n].numpy(), pix_test, y_test.numpy()).top1
+        best = PR.probe_best_layer(rand_train, y_train[:n].numpy(), rand_test, y_test.numpy())
         row["random_init"], row["random_init_layer"] = best.result.top1, best.layer
-        row["supervised"], row["supervised_steps"] = E.supervised_ceiling(
+        row["supervised"], row["supervised_steps"] = SV.supervised_ceiling(
             train_x, y_train, test_x, y_test, data.num_classes(label), args.minutes, args.patch)
         if label == "shape":
-            row["color_stats"] = E.linear_probe(colour_statistics(train_x[:n]), y_train[:n].numpy(),
+            row["color_stats"] = LR.linear_probe(colour_statistics(train_x[:n]), y_train[:n].numpy(),
                                                 colour_statistics(test_x), y_test.numpy()).top1
-        row["stderr"] = E.standard_error(row["supervised"], len(y_test))
+        row["stderr"] = ST.standard_error(row["supervised"], len(y_test))
         table[label] = row
 
     print(f"built-in scenes at {args.resolution} px: {args.train} training scenes (probes: first {n}), "

@@ -24,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import evaluate as E  # noqa: E402
+import evaluation.stats as ST  # noqa: E402
 import train as T  # noqa: E402
 
 
@@ -106,7 +107,7 @@ def main():
         for name in ("teacher", "student", "random_init"):
             row[name], row[f"{name}_layer"] = r[name]["best_top1"], r[name]["best_layer"]
         row["pixels"] = r["pixels"]["best_top1"] if "pixels" in r else None
-        row["stderr"] = E.standard_error(max(row["teacher"], row["student"]), r["n_test"])
+        row["stderr"] = ST.standard_error(max(row["teacher"], row["student"]), r["n_test"])
         table[label] = row
 
     changed = f" (changed: {' '.join(args.set)})" if args.set else ""

@@ -22,6 +22,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
+import evaluation.features as EF  # noqa: E402
+import evaluation.logistic as LR  # noqa: E402
+import evaluation.stats as ST  # noqa: E402
 
 
 def pooled_probes(encoders: dict, cfg, dataset: str, grids=(1, 2, 4), n_train: int = 4000, n_test: int = 2000,
@@ -33,15 +36,15 @@ def pooled_probes(encoders: dict, cfg, dataset: str, grids=(1, 2, 4), n_train: i
     out = {"label": labels[0], "n_train": len(y_tr), "n_test": len(y_te)}
     side = cfg.resolution // cfg.patch_size
     for k in grids:
-        E.check_pool_grid((side, side), k)  # before any encoding
+        EF.check_pool_grid((side, side), k)  # before any encoding
     for name, encoder in encoders.items():
-        tokens = [E.final_tokens(encoder, x, normalize=data.normalize, progress=progress) for x in (x_tr, x_te)]
+        tokens = [EF.final_tokens(encoder, x, normalize=data.normalize, progress=progress) for x in (x_tr, x_te)]
         out[name] = {}
         for k in grids:  # one encoding, pooled each way
-            a, b = (E.grid_pool(t, (side, side), k).numpy() for t in tokens)
-            out[name][k] = E.linear_probe(a, y_tr, b, y_te, seed=cfg.seed).top1
+            a, b = (EF.grid_pool(t, (side, side), k).numpy() for t in tokens)
+            out[name][k] = LR.linear_probe(a, y_tr, b, y_te, seed=cfg.seed).top1
     if pixels:
-        out["pixels"] = E.linear_probe(x_tr.flatten(1).numpy(), y_tr, x_te.flatten(1).numpy(), y_te, seed=cfg.seed).top1
+        out["pixels"] = LR.linear_probe(x_tr.flatten(1).numpy(), y_tr, x_te.flatten(1).numpy(), y_te, seed=cfg.seed).top1
     return out
 
 
@@ -61,7 +64,7 @@ def main():
         r = results[path] = pooled_probes(encoders, cfg, args.dataset, args.grids, args.train, args.test,
                                           pixels=cfg.resolution not in probed_pixels)  # pixels once per resolution
         probed_pixels.add(cfg.resolution)
-        se = E.standard_error(0.9, r["n_test"])
+        se = ST.standard_error(0.9, r["n_test"])
         print(f"\n{path}: final tokens pooled over k x k cells, probe on {r['n_train']} / {r['n_test']} images "
               f"({r['label']}; one standard error at 0.9 is {se:.3f}; {time.perf_counter() - t0:.0f} s)")
         print(f"{'encoder':<13}" + "".join(f"{f'k={k}':>8}" for k in args.grids))

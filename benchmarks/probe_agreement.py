@@ -36,13 +36,15 @@ from sklearn.preprocessing import StandardScaler
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
+import evaluation.logistic as LR  # noqa: E402
+import evaluation.stats as ST  # noqa: E402
 import train as T  # noqa: E402
 
 
 def sklearn_probe(train_x, train_y, test_x, test_y, val_fraction=0.2, Cs=(0.01, 0.1, 1.0, 10.0), seed=0, max_iter=1000):
     """The reference: the same protocol as `evaluate.linear_probe`, fitted by scikit-learn.
     Returns (test top-1, validation top-1 at the chosen C)."""
-    val, fit = E.validation_split(len(train_x), val_fraction, seed)
+    val, fit = LR.validation_split(len(train_x), val_fraction, seed)
 
     def fitted(x, y, C):
         scaler = StandardScaler().fit(x)
@@ -68,7 +70,7 @@ def objective(x, y, W, b, C):
 def per_C(train_x, train_y, Cs=(0.01, 0.1, 1.0, 10.0), val_fraction=0.2, seed=0, max_iter=1000):
     """Each C of the grid, fitted on the fit part and scored on the validation part by both
     implementations, from the same standardised features: a list of dicts."""
-    val, fit = E.validation_split(len(train_x), val_fraction, seed)
+    val, fit = LR.validation_split(len(train_x), val_fraction, seed)
     scaler = StandardScaler().fit(train_x[fit])
     x_fit, x_val = scaler.transform(train_x[fit]), scaler.transform(train_x[val])
     y_fit, y_val = train_y[fit], train_y[val]
@@ -78,7 +80,7 @@ def per_C(train_x, train_y, Cs=(0.01, 0.1, 1.0, 10.0), val_fraction=0.2, seed=0,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf = LogisticRegression(C=C, max_iter=max_iter).fit(x_fit, y_fit)
-        W, b, ok = E.fit_logistic(torch.as_tensor(x_fit), torch.as_tensor(y_fit).long(), n_classes, C, max_iter, start=start)
+        W, b, ok = LR.fit_logistic(torch.as_tensor(x_fit), torch.as_tensor(y_fit).long(), n_classes, C, max_iter, start=start)
         start = (W, b)  # as the probe does: each C warm-started from the last
         rows.append(dict(C=C, sklearn_val=float((clf.predict(x_val) == y_val).mean()),
                          sklearn_objective=objective(x_fit, y_fit, clf.coef_.T, clf.intercept_, C),
@@ -123,7 +125,7 @@ def main():
                               f"{r['sklearn_objective']:.6f} torch {r['torch_objective']:.6f}   converged: "
                               f"{r['sklearn_converged']}/{r['torch_converged']}", flush=True)
         return
-    torch_probe = lambda *a, seed: (lambda r: (r.top1, r.val_top1))(E.linear_probe(*a, seed=seed))  # noqa: E731
+    torch_probe = lambda *a, seed: (lambda r: (r.top1, r.val_top1))(LR.linear_probe(*a, seed=seed))  # noqa: E731
     rows = []
     for label in args.labels:
         y_tr, y_te = got["train_labels"][label].numpy(), got["test_labels"][label].numpy()
@@ -133,7 +135,7 @@ def main():
                 t0 = time.perf_counter()
                 timings[impl] = (*best_layer(probe, a, y_tr, b, y_te, seed), time.perf_counter() - t0)
             (s_acc, s_layer, s_time), (t_acc, t_layer, t_time) = timings["sklearn"], timings["torch"]
-            se = np.hypot(E.standard_error(s_acc, len(y_te)), E.standard_error(t_acc, len(y_te)))
+            se = np.hypot(ST.standard_error(s_acc, len(y_te)), ST.standard_error(t_acc, len(y_te)))
             rows.append(dict(label=label, encoder=name, sklearn=s_acc, sklearn_layer=s_layer, sklearn_s=round(s_time, 2),
                              torch=t_acc, torch_layer=t_layer, torch_s=round(t_time, 2),
                              diff_in_se=round((t_acc - s_acc) / max(se, 1e-12), 2)))

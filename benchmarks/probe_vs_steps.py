@@ -31,6 +31,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import evaluate as E  # noqa: E402
+import evaluation.stats as ST  # noqa: E402
+import studies.supervised as SV  # noqa: E402
 
 RESULTS = "benchmarks/results/probe_vs_steps.json"
 
@@ -144,9 +146,9 @@ def main():
             x_tr, ys_tr, x_te, ys_te, _ = E.probe_splits("scenes", cfg.resolution, args.probe_train, args.probe_test, cfg.seed)
             for label in args.labels:
                 y_tr, y_te = ys_tr[label], ys_te[label]
-                top1, steps = E.supervised_ceiling(x_tr, y_tr, x_te, y_te, data.num_classes(label),
+                top1, steps = SV.supervised_ceiling(x_tr, y_tr, x_te, y_te, data.num_classes(label),
                                                    args.ceiling_minutes, cfg.patch_size, seed=cfg.seed)
-                results["baselines"][label]["ceiling"] = {"top1": top1, "stderr": E.standard_error(top1, args.probe_test),
+                results["baselines"][label]["ceiling"] = {"top1": top1, "stderr": ST.standard_error(top1, args.probe_test),
                                                           "steps": steps}
                 print(f"supervised ceiling {label}: {top1:.3f} after {steps} steps", flush=True)
             results["ceiling_minutes"] = args.ceiling_minutes

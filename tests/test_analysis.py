@@ -1,11 +1,12 @@
-"""The feature-normalisation study's measurements (evaluate.py, section 8) on inputs with known answers."""
+"""The feature-normalisation study's measurements (studies/normalisation.py) on inputs with known answers."""
 
 import numpy as np
 import pytest
 import torch
 
 import data
-import evaluate as E
+import evaluation.features as EF
+import studies.normalisation as NS
 import models as M
 
 
@@ -14,71 +15,62 @@ def test_known_token_losses_come_back_as_their_maps_with_counts():
     token_loss = torch.tensor([1.0, 3.0, 2.0, 5.0, 7.0])
     token_image = torch.tensor([0, 0, 0, 1, 1])
     token_pos = torch.tensor([[0, 1], [0, 1], [1, 2], [0, 0], [1, 2]])
-    loss_sum, count = E.scatter_loss_maps(token_loss, token_image, token_pos, n_images=2, grid=(2, 3))
+    loss_sum, count = NS.scatter_loss_maps(token_loss, token_image, token_pos, n_images=2, grid=(2, 3))
     assert loss_sum.shape == count.shape == (2, 2, 3)
     expected_count = torch.tensor([[[0, 2, 0], [0, 0, 1]], [[1, 0, 0], [0, 0, 1]]])
     assert torch.equal(count, expected_count)
     assert loss_sum[0, 0, 1] == 4.0 and loss_sum[0, 1, 2] == 2.0 and loss_sum[1, 0, 0] == 5.0 and loss_sum[1, 1, 2] == 7.0
-    mean = E.mean_loss_map(loss_sum, count)
+    mean = NS.mean_loss_map(loss_sum, count)
     assert mean[0, 0, 1] == 2.0 and mean[0, 1, 2] == 2.0 and mean[1, 0, 0] == 5.0 and mean[1, 1, 2] == 7.0
     assert torch.equal(mean.isnan(), count == 0)  # NaN exactly where never predicted
     # dataset map: the mean over the images that predicted each position; NaN where none did
-    dataset = E.dataset_loss_map(loss_sum, count)
+    dataset = NS.dataset_loss_map(loss_sum, count)
     assert dataset[0, 1] == 2.0 and dataset[0, 0] == 5.0 and dataset[1, 2] == 4.5
     assert torch.equal(dataset.isnan(), (count.sum(0) == 0))
     # per image: the mean over every token it had, the repeated patch counted twice
-    assert torch.allclose(E.image_losses(loss_sum, count), torch.tensor([6.0 / 3, 12.0 / 2], dtype=torch.float64))
+    assert torch.allclose(NS.image_losses(loss_sum, count), torch.tensor([6.0 / 3, 12.0 / 2], dtype=torch.float64))
 
 
 def checkerboard(h, w, cell=1):
-    return E.checker_colours((h, w), cell).double() * 2 - 1  # +-1
+    return NS.checker_colours((h, w), cell).double() * 2 - 1  # +-1
 
 
 def test_a_perfect_checkerboard_scores_far_above_its_null():
-    score = E.checkerboard_score(checkerboard(8, 8), permutations=200, seed=0)
+    score = NS.checkerboard_score(checkerboard(8, 8), permutations=200, seed=0)
     assert score["contrast"] == pytest.approx(2.0)  # means +1 and -1, std 1
     assert score["null_mean"] < 1.0 and score["z"] > 5 and score["p"] == pytest.approx(1 / 201)
-    assert E.checkerboard_score(checkerboard(8, 8) * 0.01 + 3.0)["z"] == pytest.approx(score["z"])  # scale-free
+    assert NS.checkerboard_score(checkerboard(8, 8) * 0.01 + 3.0)["z"] == pytest.approx(score["z"])  # scale-free
 
 
 def test_a_constant_map_scores_zero():
-    score = E.checkerboard_score(torch.full((8, 8), 0.3))
+    score = NS.checkerboard_score(torch.full((8, 8), 0.3))
     assert score["contrast"] == 0.0 and score["null_mean"] == 0.0 and score["z"] == 0.0
 
 
 def test_smooth_maps_score_near_the_null():
     rows, cols = torch.meshgrid(torch.arange(7.0), torch.arange(7.0), indexing="ij")
     for smooth in (rows, 0.3 * rows + cols, torch.exp(-((rows - 3) ** 2 + (cols - 2) ** 2) / 8)):
-        score = E.checkerboard_score(smooth)
+        score = NS.checkerboard_score(smooth)
         assert abs(score["z"]) < 3 and score["p"] > 0.05, score
 
 
 def test_the_cell_size_is_told_apart_and_nan_cells_are_left_out():
     blocks = checkerboard(8, 8, cell=2)
-    assert E.checkerboard_score(blocks, cell=2)["z"] > 5
-    assert abs(E.checkerboard_score(blocks, cell=1)["z"]) < 3
+    assert NS.checkerboard_score(blocks, cell=2)["z"] > 5
+    assert abs(NS.checkerboard_score(blocks, cell=1)["z"]) < 3
     holed = checkerboard(8, 8).clone()
     holed[0, :3] = torch.nan
-    assert E.checkerboard_score(holed)["contrast"] == pytest.approx(2.0, rel=1e-3)
+    assert NS.checkerboard_score(holed)["contrast"] == pytest.approx(2.0, rel=1e-3)
 
 
 def test_tail_ratio_is_the_direct_percentile_ratio():
-    assert E.tail_ratio(torch.arange(1.0, 101.0)) == pytest.approx(99.01 / 50.5)
+    assert NS.tail_ratio(torch.arange(1.0, 101.0)) == pytest.approx(99.01 / 50.5)
     x = np.random.default_rng(0).exponential(size=5000)
-    assert E.tail_ratio(torch.from_numpy(x)) == pytest.approx(np.percentile(x, 99) / np.percentile(x, 50))
-    assert E.tail_ratio(torch.from_numpy(x)) == pytest.approx(np.log(100) / np.log(2), rel=0.1)  # Exp(1)'s
-    assert E.tail_ratio(torch.tensor([1.0, float("nan"), 2.0, 3.0])) == pytest.approx(2.98 / 2.0)
+    assert NS.tail_ratio(torch.from_numpy(x)) == pytest.approx(np.percentile(x, 99) / np.percentile(x, 50))
+    assert NS.tail_ratio(torch.from_numpy(x)) == pytest.approx(np.log(100) / np.log(2), rel=0.1)  # Exp(1)'s
+    assert NS.tail_ratio(torch.tensor([1.0, float("nan"), 2.0, 3.0])) == pytest.approx(2.98 / 2.0)
     with pytest.raises(ValueError):
-        E.tail_ratio(torch.ones(2, 3))
-
-
-def test_object_patches_need_most_of_their_pixels():
-    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
-    mask[0, :2, :2] = True  # patch (0, 0) fully
-    mask[0, 0, 2:4] = mask[0, 1, 2] = True  # patch (0, 1): 3 of 4 pixels
-    mask[0, 2, 0] = True  # patch (1, 0): 1 of 4
-    mask[0, 2:4, 2] = True  # patch (1, 1): 2 of 4, not most
-    assert E.object_patches(mask, 2).tolist() == [[[True, True], [False, False]]]
+        NS.tail_ratio(torch.ones(2, 3))
 
 
 def test_energy_that_equals_the_mask_has_auc_one_and_inverted_zero():
@@ -86,11 +78,11 @@ def test_energy_that_equals_the_mask_has_auc_one_and_inverted_zero():
     is_object[:, 1:3, 1:3] = True
     is_object[2, 0, 0] = True
     energy = is_object.float() + 0.1 * torch.rand(3, 4, 4)
-    assert E.energy_auc(is_object.float(), is_object) == 1.0 and E.energy_auc(energy, is_object) == 1.0
-    assert E.energy_auc(-energy, is_object) == 0.0 and E.energy_auc(1 - is_object.float(), is_object) == 0.0
-    assert E.energy_auc(torch.ones(3, 4, 4), is_object) == 0.5
+    assert NS.energy_auc(is_object.float(), is_object) == 1.0 and NS.energy_auc(energy, is_object) == 1.0
+    assert NS.energy_auc(-energy, is_object) == 0.0 and NS.energy_auc(1 - is_object.float(), is_object) == 0.0
+    assert NS.energy_auc(torch.ones(3, 4, 4), is_object) == 0.5
     is_object[0] = False  # per image: an image with one kind of patch only is left out
-    assert E.energy_auc(energy, is_object, per_image=True) == 1.0
+    assert NS.energy_auc(energy, is_object, per_image=True) == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +90,13 @@ def micro():
     torch.manual_seed(0)
     model = M.IJEPA(M.JEPAConfig(model="micro"))  # patch 8: a 4 x 4 grid at 32 px
     scenes = data.render_scenes(range(6), 32, 32)
-    return model, scenes["image"], scenes["mask"]
+    return model, scenes["image"], scenes["region"]
 
 
 def test_loss_map_runner_counts_every_predicted_token(micro):
     model, images, _ = micro
     masking, masks, seed = M.MultiBlockMasking(), 3, 7
-    maps = E.loss_maps(model, images, masking, masks=masks, seed=seed, batch_size=4, normalize=data.normalize)
+    maps = NS.loss_maps(model, images, masking, masks=masks, seed=seed, batch_size=4, normalize=data.normalize)
     assert maps.loss_sum.shape == maps.count.shape == (6, 4, 4)
     # replay the draws (pass by pass, image by image, one generator): the same targets, so the same counts
     g, expected = torch.Generator().manual_seed(seed), torch.zeros(6, 16, dtype=torch.long)
@@ -113,11 +105,11 @@ def test_loss_map_runner_counts_every_predicted_token(micro):
             expected[i, masking(4, 4, g).target] += 1
     assert torch.equal(maps.count.flatten(1), expected)
     assert int(maps.count.sum()) == len(maps.token_loss)
-    mean = E.mean_loss_map(maps.loss_sum, maps.count)
+    mean = NS.mean_loss_map(maps.loss_sum, maps.count)
     assert torch.isfinite(mean[maps.count > 0]).all() and mean[maps.count == 0].isnan().all()
     assert (maps.token_loss > 0).all()
     # one pass over one batch: the loss the model trains on is the token-weighted mean of the map
-    one = E.loss_maps(model, images, masking, masks=1, seed=seed, batch_size=6, normalize=data.normalize)
+    one = NS.loss_maps(model, images, masking, masks=1, seed=seed, batch_size=6, normalize=data.normalize)
     batch = M.mask_images(data.normalize(images), 8, masking, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         loss = model.eval()(batch).loss
@@ -127,16 +119,16 @@ def test_loss_map_runner_counts_every_predicted_token(micro):
 def test_energy_is_read_before_the_layernorm(micro):
     model, images, _ = micro
     assert model.cfg.feature_norm == "layernorm"
-    energy = E.token_energy(model.teacher, images, batch_size=4, normalize=data.normalize)
+    energy = NS.token_energy(model.teacher, images, batch_size=4, normalize=data.normalize)
     assert energy.shape == (6, 4, 4)
     _, blocks = model.teacher.eval().encode(data.normalize(images), return_layers=True)
     assert torch.allclose(energy.flatten(1), blocks[-1].norm(dim=-1), rtol=1e-5)
     assert energy.std() / energy.mean() > 0.01  # norms differ from token to token (about 3% at initialisation)
-    final = E.final_tokens(model.teacher, images, normalize=data.normalize)  # (N, 16, D)
+    final = EF.final_tokens(model.teacher, images, normalize=data.normalize)  # (N, 16, D)
     targets = M.apply_feature_norm(final, torch.ones(final.shape[:2], dtype=torch.bool), "layernorm")
     norms = targets.norm(dim=-1)
     assert torch.allclose(norms, torch.full_like(norms, final.shape[-1] ** 0.5), rtol=1e-3)  # all sqrt(D)
-    target = E.token_energy(model.teacher, images, batch_size=4, normalize=data.normalize, target="layernorm")
+    target = NS.token_energy(model.teacher, images, batch_size=4, normalize=data.normalize, target="layernorm")
     assert torch.allclose(target.flatten(1), norms, rtol=1e-5)  # the same norms, read by token_energy
 
 
@@ -144,15 +136,15 @@ def test_dyntanh_targets_keep_their_norms():
     torch.manual_seed(0)
     model = M.IJEPA(M.JEPAConfig(model="micro", patch_size=8, feature_norm="dyntanh"))
     images = torch.rand(4, 3, 32, 32)
-    target = E.token_energy(model.teacher, images, batch_size=3, normalize=data.normalize, target="dyntanh")
-    final = E.final_tokens(model.teacher, images, normalize=data.normalize)  # tanh(alpha x): the targets themselves
+    target = NS.token_energy(model.teacher, images, batch_size=3, normalize=data.normalize, target="dyntanh")
+    final = EF.final_tokens(model.teacher, images, normalize=data.normalize)  # tanh(alpha x): the targets themselves
     assert torch.allclose(target.flatten(1), final.norm(dim=-1), rtol=1e-5)
     assert target.std() / target.mean() > 0.01  # unlike LayerNorm's, the norms differ from token to token
 
 
 def test_the_study_runs_end_to_end(micro):
-    model, images, mask = micro
-    out = E.normalisation_study(model, images, mask, M.MultiBlockMasking(), masks=2, batch_size=6,
+    model, images, regions = micro
+    out = NS.normalisation_study(model, images, regions, M.MultiBlockMasking(), masks=2, batch_size=6,
                                 normalize=data.normalize, permutations=50)
     assert out["loss_map"].shape == (4, 4) and out["energy"].shape == (6, 4, 4)
     for key in ("tail_token", "tail_image", "energy_auc", "energy_auc_per_image", "position_auc", "rankme",

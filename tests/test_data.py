@@ -379,3 +379,16 @@ def test_nyu_without_h5py_says_pip_install(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "h5py", raising=False)
     with pytest.raises(ImportError, match="pip install h5py"):
         data.get_dataset("nyu", root=str(tmp_path))
+
+
+def test_patch_regions_take_the_majority():
+    """The one definition of what a patch shows (and so of a main-object patch)."""
+    regions = torch.zeros(1, 4, 4, dtype=torch.uint8)  # patches of 2 x 2: four patches
+    regions[0, :2, :2] = torch.tensor([[2, 2], [2, 1]])  # patch 0: main object wins 3 to 1
+    regions[0, :2, 2:] = torch.tensor([[3, 3], [1, 1]])  # patch 1: a tie, the lower code wins
+    regions[0, 2:, :2] = 1
+    assert data.patch_regions(regions, 2).tolist() == [[[2, 1], [1, 0]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's side: teacher features, masks, predictions, random init

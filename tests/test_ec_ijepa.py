@@ -4,8 +4,8 @@ no leak between images, and the probe's encode is the conditioned one."""
 import pytest
 import torch
 
-import ec_ijepa as EC
-import evaluate as E
+import studies.ec_ijepa as EC
+import evaluation.features as EF
 import models as M
 
 
@@ -51,7 +51,7 @@ def test_inference_conditions_on_every_position_as_training_does():
     torch.testing.assert_close(conditioned, by_hand)
     assert not torch.allclose(conditioned, plain, atol=1e-4)
     # the probe's features come from the conditioned encode
-    layers = E.layer_features(model.teacher, images)
+    layers = EF.layer_features(model.teacher, images)
     torch.testing.assert_close(torch.from_numpy(layers[-1]), conditioned.mean(1))
 
 

@@ -8,6 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import evaluate as E
+import evaluation.depth as DP
+import evaluation.features as EF
+import evaluation.logistic as LR
+import evaluation.probes as PR
+import evaluation.rankme as RM
+import evaluation.stats as ST
 import models as M
 import train as T
 
@@ -21,28 +27,28 @@ def blobs(n, d, classes, spread, seed):
 
 def test_probe_separable_blobs_are_solved():
     x, y = blobs(600, 8, 4, 0.3, 0)
-    r = E.linear_probe(x[:400], y[:400], x[400:], y[400:])
+    r = LR.linear_probe(x[:400], y[:400], x[400:], y[400:])
     assert r.top1 == 1.0 and r.macro_f1 == 1.0 and r.C in (0.01, 0.1, 1.0, 10.0)
 
 
 def test_probe_reports_a_fit_cut_short_without_warning(recwarn):
     x, y = blobs(300, 8, 3, 1.0, 5)
-    assert E.linear_probe(x[:200], y[:200], x[200:], y[200:]).converged
-    assert not E.linear_probe(x[:200], y[:200], x[200:], y[200:], max_iter=1).converged
+    assert LR.linear_probe(x[:200], y[:200], x[200:], y[200:]).converged
+    assert not LR.linear_probe(x[:200], y[:200], x[200:], y[200:], max_iter=1).converged
     assert not [w for w in recwarn if "converge" in str(w.message)]
 
 
 def test_probe_random_labels_stay_at_chance():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(1000, 16)), rng.integers(0, 4, 1000)
-    r = E.linear_probe(x[:600], y[:600], x[600:], y[600:])
-    assert abs(r.top1 - 0.25) < 4 * E.standard_error(0.25, 400)
+    r = LR.linear_probe(x[:600], y[:600], x[600:], y[600:])
+    assert abs(r.top1 - 0.25) < 4 * ST.standard_error(0.25, 400)
 
 
 def test_probe_chooses_C_on_validation_not_test():
     x, y = blobs(400, 8, 3, 2.0, 2)
-    r1 = E.linear_probe(x[:300], y[:300], x[300:], y[300:])
-    r2 = E.linear_probe(x[:300], y[:300], x[300:], 1 - y[300:] % 2)  # scrambled test labels
+    r1 = LR.linear_probe(x[:300], y[:300], x[300:], y[300:])
+    r2 = LR.linear_probe(x[:300], y[:300], x[300:], 1 - y[300:] % 2)  # scrambled test labels
     assert r1.C == r2.C and r1.val_top1 == r2.val_top1
 
 
@@ -50,14 +56,14 @@ def test_best_layer_is_the_informative_one():
     x, y = blobs(500, 6, 3, 0.5, 3)
     noise = np.random.default_rng(4).normal(size=x.shape)
     train, test = [noise[:350], x[:350], noise[:350]], [noise[350:], x[350:], noise[350:]]
-    best = E.probe_best_layer(train, y[:350], test, y[350:])
+    best = PR.probe_best_layer(train, y[:350], test, y[350:])
     assert best.layer == 2 and best.result.top1 > 0.9
 
 
 def test_layer_features_shapes_and_mean_pooling():
     enc = M.VisionTransformer(M.JEPAConfig().encoder_config())
     images = torch.rand(10, 3, 32, 32)
-    feats = E.layer_features(enc, images, batch_size=4)
+    feats = EF.layer_features(enc, images, batch_size=4)
     assert len(feats) == enc.cfg.depth + 1 and all(f.shape == (10, 128) for f in feats)
     with torch.no_grad():
         out = enc.encode(images[:2])
@@ -65,9 +71,9 @@ def test_layer_features_shapes_and_mean_pooling():
 
 
 def test_rankme_bounds():
-    assert E.rankme(torch.eye(16)) == pytest.approx(16, rel=1e-3)
+    assert RM.rankme(torch.eye(16)) == pytest.approx(16, rel=1e-3)
     one_direction = torch.randn(100, 1) * torch.randn(1, 16)
-    assert E.rankme(one_direction) < 1.1
+    assert RM.rankme(one_direction) < 1.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +85,7 @@ def test_fit_logistic_reaches_scikit_learns_optimum():
     x, y = blobs(300, 5, 3, 1.5, 7)
     for C in (0.01, 1.0):
         ref = LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(x, y)
-        W, b, converged = E.fit_logistic(torch.as_tensor(x), torch.as_tensor(y), 3, C, tol=1e-6)
+        W, b, converged = LR.fit_logistic(torch.as_tensor(x), torch.as_tensor(y), 3, C, tol=1e-6)
         assert converged
         # the softmax is unchanged by a constant added to every class: compare centred parameters
         ours = torch.cat([W.T, b[:, None]], 1).numpy()
@@ -93,14 +99,14 @@ def test_basis_changes_the_coordinates_not_the_fit():
     rng = np.random.default_rng(5)
     x = torch.as_tensor(rng.normal(size=(60, 150)) * rng.uniform(0.1, 3, size=150) + 2)
     y = torch.as_tensor(rng.integers(0, 3, 60))
-    basis, coords = E.Basis.from_rows(x)
+    basis, coords = LR.Basis.from_rows(x)
     assert coords.shape == (60, 60)
     np.testing.assert_allclose(basis.rotation.T @ basis.rotation, np.eye(60), atol=1e-10)  # orthonormal
     np.testing.assert_allclose(basis.coordinates(x), coords, atol=1e-9)
     np.testing.assert_allclose(coords.T @ coords, np.diag(np.diag(coords.T @ coords)), atol=1e-8)  # uncorrelated
     standardised = (x - x.mean(0)) / x.std(0, unbiased=False)
-    W, b, ok = E.fit_logistic(coords, y, 3, 1.0, tol=1e-7)
-    W_direct, b_direct, ok_direct = E.fit_logistic(standardised, y, 3, 1.0, tol=1e-7)
+    W, b, ok = LR.fit_logistic(coords, y, 3, 1.0, tol=1e-7)
+    W_direct, b_direct, ok_direct = LR.fit_logistic(standardised, y, 3, 1.0, tol=1e-7)
     assert ok and ok_direct
     np.testing.assert_allclose(coords @ W + b, standardised @ W_direct + b_direct, atol=1e-4)  # the same logits
     # a map carried to the raw features and back is the same map, and gives the same logits
@@ -114,14 +120,14 @@ def test_basis_changes_the_coordinates_not_the_fit():
 def test_preconditioned_fit_stops_on_the_gradient_length():
     x, y = blobs(300, 5, 3, 1.5, 7)
     x, y = torch.as_tensor(x), torch.as_tensor(y)
-    W, b, ok = E.fit_logistic(x, y, 3, 10.0, tol=1e-6)
+    W, b, ok = LR.fit_logistic(x, y, 3, 10.0, tol=1e-6)
     # the gradient at the returned point, by autograd, is shorter than tol
     theta = torch.cat([W, b[None]]).requires_grad_(True)
     loss = F.cross_entropy(x @ theta[:-1] + theta[-1], y) + (theta[:-1] ** 2).sum() / (2 * 10.0 * len(x))
     loss.backward()
     assert ok and theta.grad.norm() <= 1e-6
     # a fit cut short says so
-    assert not E.fit_logistic(x, y, 3, 10.0, max_iter=2, tol=1e-6)[2]
+    assert not LR.fit_logistic(x, y, 3, 10.0, max_iter=2, tol=1e-6)[2]
 
 
 def test_prepared_layers_probe_as_each_layer_alone():
@@ -130,29 +136,29 @@ def test_prepared_layers_probe_as_each_layer_alone():
     x1, y = blobs(300, 5, 3, 1.5, 11)
     x2 = np.random.default_rng(12).normal(size=x1.shape) + 0.3 * x1
     layers = [x1, x2]
-    together = E.probe_prepared(E.prepare_features([a[:200] for a in layers], [a[200:] for a in layers]), y[:200], y[200:])
+    together = LR.probe_prepared(LR.prepare_features([a[:200] for a in layers], [a[200:] for a in layers]), y[:200], y[200:])
     for a, r in zip(layers, together):
-        alone = E.linear_probe(a[:200], y[:200], a[200:], y[200:])
+        alone = LR.linear_probe(a[:200], y[:200], a[200:], y[200:])
         assert (r.C, r.val_top1, r.top1) == (alone.C, alone.val_top1, alone.top1)
     with pytest.raises(ValueError, match="differ in length"):
-        E.probe_prepared(E.prepare_features([x1[:200]], [x1[200:]]), y[:100], y[200:])
+        LR.probe_prepared(LR.prepare_features([x1[:200]], [x1[200:]]), y[:100], y[200:])
 
 
 def test_knn_on_separable_points_and_ties():
     x, y = blobs(400, 4, 4, 0.2, 8)
-    assert E.knn_probe(x[:300], y[:300], x[300:], y[300:]) == 1.0
+    assert PR.knn_probe(x[:300], y[:300], x[300:], y[300:]) == 1.0
     # one query, two neighbours of each class: the class of higher similarity wins the tie
     train = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
-    assert E.knn_predict(train, np.array([0, 0, 1, 1]), np.array([[1.0, 0.3]]), k=4).tolist() == [0]
+    assert PR.knn_predict(train, np.array([0, 0, 1, 1]), np.array([[1.0, 0.3]]), k=4).tolist() == [0]
 
 
 def test_probe_features_reports_every_part():
     x, y = blobs(500, 6, 3, 0.5, 9)
     noise = np.random.default_rng(4).normal(size=x.shape)
     layers = [noise, noise, x, noise, noise]  # 4 blocks + final output; block 3 informative
-    r = E.probe_features([a[:400] for a in layers], y[:400], [a[400:] for a in layers], y[400:])
+    r = PR.probe_features([a[:400] for a in layers], y[:400], [a[400:] for a in layers], y[400:])
     assert r["best_layer"] == 3 and r["best_top1"] > 0.9 and r["knn_layer"] == 3 and r["knn_top1"] > 0.9
-    assert len(r["per_layer_top1"]) == 5 and r["concat_top1"] > 0.9 and r["stderr"] == E.standard_error(r["best_top1"], 100)
+    assert len(r["per_layer_top1"]) == 5 and r["concat_top1"] > 0.9 and r["stderr"] == ST.standard_error(r["best_top1"], 100)
 
 
 def test_cache_is_keyed_by_what_made_the_features(tmp_path):
@@ -163,32 +169,32 @@ def test_cache_is_keyed_by_what_made_the_features(tmp_path):
         return torch.tensor([value])
 
     key = dict(checkpoint="aaaa", encoder="teacher", dataset="scenes")
-    assert E.cached(tmp_path, key, lambda: compute(1.0)).item() == 1.0
-    assert E.cached(tmp_path, key, lambda: compute(2.0)).item() == 1.0  # read back, not computed
+    assert EF.cached(tmp_path, key, lambda: compute(1.0)).item() == 1.0
+    assert EF.cached(tmp_path, key, lambda: compute(2.0)).item() == 1.0  # read back, not computed
     other = {**key, "checkpoint": "bbbb"}  # another checkpoint's features are never used
-    assert E.cached(tmp_path, other, lambda: compute(3.0)).item() == 3.0
+    assert EF.cached(tmp_path, other, lambda: compute(3.0)).item() == 3.0
     assert calls == [1.0, 3.0]
     for file in tmp_path.iterdir():  # a truncated file is computed again and replaced, never an error
         file.write_bytes(file.read_bytes()[:20])
-    assert E.cached(tmp_path, key, lambda: compute(4.0)).item() == 4.0
-    assert E.cached(tmp_path, key, lambda: compute(5.0)).item() == 4.0
+    assert EF.cached(tmp_path, key, lambda: compute(4.0)).item() == 4.0
+    assert EF.cached(tmp_path, key, lambda: compute(5.0)).item() == 4.0
 
 
 # ---------------------------------------------------------------------------------------------
 # the depth probe
 
 
-def test_patch_targets_and_alignment_on_known_inputs():
+def test_depth_patches_and_alignment_on_known_inputs():
     depth = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 4, 6)
-    t = E.patch_targets(depth, 2)  # (2, 6, 4)
+    t = M.patchify(depth[:, None], 2)  # (2, 6, 4): each token's depths, as the depth probe's targets
     assert t.shape == (2, 6, 4) and t[0, 1].tolist() == [2.0, 3.0, 8.0, 9.0]  # row 0, col 1
     true = torch.rand(3, 8, 8) + 1
     valid = torch.ones_like(true, dtype=torch.bool)
     pred = 0.5 * true - 2.0  # a scale and a shift away: alignment recovers the truth exactly
-    torch.testing.assert_close(E.align_scale_shift(pred, true, valid), true)
-    m = E.depth_metrics(pred, true, valid)
+    torch.testing.assert_close(DP.align_scale_shift(pred, true, valid), true)
+    m = DP.depth_metrics(pred, true, valid)
     assert m["absrel"] < 1e-5 and m["rmse"] < 1e-5 and m["delta1"] == 1.0
-    m = E.depth_metrics(torch.ones_like(true), true, valid)  # a constant: the alignment gives the mean
+    m = DP.depth_metrics(torch.ones_like(true), true, valid)  # a constant: the alignment gives the mean
     assert m["delta1"] < 1.0 and m["absrel"] > 0.05
 
 
@@ -197,16 +203,16 @@ def test_depth_probe_on_features_that_encode_depth_exactly():
     depth = torch.rand(60, 8, 8, generator=g) * 10 + 1  # 60 images of 4 x 4 patches of 2 x 2 pixels
     # features: a linear image of each patch's depths relative to the training images' mean at that
     # position, which is what the head regresses
-    targets = E.patch_targets(depth - depth[:40].mean(0), 2)  # (60, 16, 4)
+    targets = M.patchify((depth - depth[:40].mean(0))[:, None], 2)  # (60, 16, 4)
     mix = torch.randn(4, 12, generator=g)
     exact = [targets @ mix]
     noise = [torch.randn(60, 16, 12, generator=g)]
     valid = lambda d: d > 0  # noqa: E731
-    good = E.depth_probe([exact[0][:40]], depth[:40], [exact[0][40:]], depth[40:], 2, valid)
-    bad = E.depth_probe([noise[0][:40]], depth[:40], [noise[0][40:]], depth[40:], 2, valid)
+    good = DP.depth_probe([exact[0][:40]], depth[:40], [exact[0][40:]], depth[40:], 2, valid)
+    bad = DP.depth_probe([noise[0][:40]], depth[:40], [noise[0][40:]], depth[40:], 2, valid)
     assert good["absrel"] < 1e-3 and good["delta1"] == 1.0
     assert bad["absrel"] > 0.1
-    base = E.position_mean_depth(depth[:40], depth[40:], valid)
+    base = DP.position_mean_depth(depth[:40], depth[40:], valid)
     assert base["absrel"] > 0.1 and good["absrel"] < base["absrel"]
 
 
@@ -257,21 +263,21 @@ def test_grid_pool_averages_each_cell_of_the_patch_grid():
     h, w, d = 4, 6, 2
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     tokens = torch.stack([rows, cols], -1).float().view(1, h * w, d)     # each token holds its (row, col)
-    assert torch.equal(E.grid_pool(tokens, (h, w), 1), torch.tensor([[1.5, 2.5]]))  # the plain mean
-    cells = E.grid_pool(tokens, (h, w), 2).view(2, 2, d)                 # cells of 2 x 3 tokens
+    assert torch.equal(EF.grid_pool(tokens, (h, w), 1), torch.tensor([[1.5, 2.5]]))  # the plain mean
+    cells = EF.grid_pool(tokens, (h, w), 2).view(2, 2, d)                 # cells of 2 x 3 tokens
     assert torch.equal(cells[..., 0], torch.tensor([[0.5, 0.5], [2.5, 2.5]]))  # mean row of each cell
     assert torch.equal(cells[..., 1], torch.tensor([[1.0, 4.0], [1.0, 4.0]]))  # mean column
     for bad in (0, 3):
         with pytest.raises(ValueError, match=f"pool grid {bad}: must divide the 4 x 6 patch grid"):
-            E.grid_pool(tokens, (h, w), bad)
+            EF.grid_pool(tokens, (h, w), bad)
     enc = M.VisionTransformer(M.JEPAConfig().encoder_config())
     images = torch.rand(3, 3, 32, 32)
-    feats = E.layer_features(enc, images, pool_grid=2)
+    feats = EF.layer_features(enc, images, pool_grid=2)
     with torch.no_grad():
         out = enc.encode(images).view(3, 2, 2, 2, 2, -1)                  # (B, cell row, row, cell col, col, D)
     assert feats[-1].shape == (3, 4 * out.shape[-1])
     np.testing.assert_allclose(feats[-1], out.mean((2, 4)).flatten(1).numpy(), atol=1e-5)
-    pooled_final = E.grid_pool(E.final_tokens(enc, images), (4, 4), 2)      # benchmarks/pooling.py's path
+    pooled_final = EF.grid_pool(EF.final_tokens(enc, images), (4, 4), 2)      # benchmarks/pooling.py's path
     np.testing.assert_allclose(pooled_final.numpy(), feats[-1], atol=1e-5)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import models as M
-import official_checkpoint as O
+import studies.official_checkpoint as O
 
 
 def gen(seed=0):

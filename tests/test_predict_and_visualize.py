@@ -126,18 +126,6 @@ def test_pca_colours_share_one_projection_and_stay_in_range():
     assert torch.all(c[1:, 0] > c[:-1, 0]) and (c[:, 1:].max(0).values - c[:, 1:].min(0).values).max() < 0.05
 
 
-def test_patch_regions_take_the_majority():
-    regions = torch.zeros(1, 4, 4, dtype=torch.uint8)  # patches of 2 x 2: four patches
-    regions[0, :2, :2] = torch.tensor([[2, 2], [2, 1]])  # patch 0: main object wins 3 to 1
-    regions[0, :2, 2:] = torch.tensor([[3, 3], [1, 1]])  # patch 1: a tie, the lower code wins
-    regions[0, 2:, :2] = 1
-    assert PV.patch_regions(regions, 2).tolist() == [[2, 1, 1, 0]]
-
-
-# ---------------------------------------------------------------------------------------------
-# the model's side: teacher features, masks, predictions, random init
-
-
 def test_teacher_targets_are_the_losses_targets_at_every_target():
     model = tiny_model()
     with torch.no_grad():  # an affine norm that is not the identity, so the feature norm has work to do
@@ -180,9 +168,9 @@ def test_mask_and_predict_uses_the_training_masks_and_the_models_own_stages():
     assert not torch.allclose(other.features, got.features)
 
 
-def test_random_init_model_is_the_runs_starting_point(tiny_checkpoint):
+def test_initial_model_is_the_runs_starting_point(tiny_checkpoint):
     model, cfg = T.model_from_checkpoint(tiny_checkpoint)
-    initial = PV.random_init_model(cfg)
+    initial = T.initial_model(cfg)
     reference = E.checkpoint_encoders(tiny_checkpoint)[0]["random_init"]
     for a, b in zip(initial.teacher.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)

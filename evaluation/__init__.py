@@ -1,0 +1,10 @@
+"""How a frozen encoder is measured, one concern per file; `evaluate.py` puts them together for a
+checkpoint and is the command line.
+
+    features.py   the mean-pooled (or grid-pooled) tokens of every layer, and a cache of them
+    logistic.py   the linear probe's solver: logistic regression with C chosen on validation
+    probes.py     the classification protocol: every layer, concat-4, and k-NN
+    depth.py      the depth probe and its metrics
+    rankme.py     RankMe, the label-free effective rank that train.py logs
+    stats.py      standard errors
+"""

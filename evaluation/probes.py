@@ -1,0 +1,82 @@
+"""The classification probe of one encoder, the protocol used everywhere in this project: the linear
+probe on every layer (the best layer chosen on validation), on the concatenation of the last four
+blocks, and a k-nearest-neighbour probe (cosine, k = 20)."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluation.logistic import ProbeResult, prepare_features, probe_prepared
+from evaluation.stats import standard_error
+
+
+def knn_predict(train_x, train_y, query_x, k: int = 20) -> np.ndarray:
+    """Majority vote of the k training points of highest cosine similarity (ties: the class whose
+    votes have the larger summed similarity)."""
+    a = F.normalize(torch.as_tensor(np.asarray(train_x), dtype=torch.float32), dim=1)
+    q = F.normalize(torch.as_tensor(np.asarray(query_x), dtype=torch.float32), dim=1)
+    y = torch.as_tensor(np.asarray(train_y)).long()
+    sim, idx = (q @ a.T).topk(min(k, len(a)), dim=1)  # (Q, k)
+    n_classes = int(y.max()) + 1
+    votes = torch.zeros(len(q), n_classes).scatter_add_(1, y[idx], torch.ones_like(sim))
+    weight = torch.zeros(len(q), n_classes).scatter_add_(1, y[idx], sim)
+    return (votes + 1e-3 * weight / (weight.abs().max() + 1e-12)).argmax(1).numpy()
+
+
+def knn_probe(train_x, train_y, test_x, test_y, k: int = 20) -> float:
+    """Top-1 accuracy of `knn_predict` on the test set."""
+    return float((knn_predict(train_x, train_y, test_x, k) == np.asarray(test_y)).mean())
+
+
+@dataclass
+class LayerProbe:
+    layer: int  # 1..depth for blocks, depth + 1 for the final output
+    result: ProbeResult
+    val_by_layer: list  # validation accuracy of every layer
+    test_by_layer: list  # test accuracy of every layer (reported, never used to choose)
+
+
+def probe_best_layer(train_layers: list, train_y, test_layers: list, test_y, seed: int = 0, prepared=None,
+                     **kwargs) -> LayerProbe:
+    """Probe every layer; the layer with the best validation accuracy is scored on
+    test. `prepared`: the layers already made ready by prepare_features (to probe several labels)."""
+    prepared = prepared or prepare_features(train_layers, test_layers, seed=seed)
+    results = probe_prepared(prepared, train_y, test_y, **kwargs)
+    val = [r.val_top1 for r in results]
+    best = int(np.argmax(val))
+    return LayerProbe(layer=best + 1, result=results[best], val_by_layer=val, test_by_layer=[r.top1 for r in results])
+
+
+def prepare_encoder(train_layers: list, test_layers: list, seed: int = 0, concat_last: int = 4) -> dict:
+    """What probe_features needs of one encoder's layers, whatever the label: the layers prepared
+    for the linear probe, and the concatenation of the last `concat_last` blocks."""
+    out = {"layers": prepare_features(train_layers, test_layers, seed=seed)}
+    blocks = len(train_layers) - 1
+    if concat_last and blocks >= concat_last:  # concat_last=0: no concatenation probe
+        cat = lambda layers: np.concatenate(layers[blocks - concat_last:blocks], axis=1)  # noqa: E731
+        out["concat"] = prepare_features([cat(train_layers)], [cat(test_layers)], seed=seed)
+    return out
+
+
+def probe_features(train_layers: list, train_y, test_layers: list, test_y, seed: int = 0, concat_last: int = 4,
+                   prepared=None) -> dict:
+    """The whole classification probe of one encoder (or of raw pixels: a list of one array):
+    linear probe per layer (best on validation), on the concatenation of the last `concat_last`
+    blocks, and k-NN per layer (best on validation, on a validation split of the training set).
+    `prepared`: prepare_encoder's output for these layers, made once for several labels."""
+    prepared = prepared or prepare_encoder(train_layers, test_layers, seed, concat_last)
+    best = probe_best_layer(train_layers, train_y, test_layers, test_y, prepared=prepared["layers"])
+    out = {"best_top1": best.result.top1, "best_layer": best.layer, "macro_f1": best.result.macro_f1,
+           "per_layer_top1": best.test_by_layer, "predictions": best.result.predictions,
+           "stderr": standard_error(best.result.top1, len(test_y))}
+    if "concat" in prepared:
+        out["concat_top1"] = probe_prepared(prepared["concat"], train_y, test_y)[0].top1
+    val, fit = prepared["layers"].val_rows.numpy(), prepared["layers"].fit_rows.numpy()
+    train_y = np.asarray(train_y)
+    knn_val = [knn_probe(a[fit], train_y[fit], a[val], train_y[val]) for a in train_layers]
+    k_best = int(np.argmax(knn_val))
+    out["knn_layer"] = k_best + 1
+    out["knn_top1"] = knn_probe(train_layers[k_best], train_y, test_layers[k_best], test_y)
+    return out
