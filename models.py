@@ -12,8 +12,9 @@ to (`sample`, -1 for padding) and its patch coordinates (`pos` = (row, col)). At
 allowed between tokens with the same sample id, so an ordinary batch (one image per row) and a
 packed batch (several images per row, see packing.py) go through the same forward.
 
-Beside this file: ec_ijepa.py extends the model with encoder conditioning, official_checkpoint.py
-loads released weights, and train.py owns the optimiser and the schedules.
+Beside this file: studies/ec_ijepa.py extends the model with encoder conditioning,
+studies/official_checkpoint.py loads released weights, and train.py owns the optimiser and the
+schedules.
 """
 
 import math
@@ -290,8 +291,8 @@ class VisionTransformer(nn.Module):
 
     def encode(self, images, return_layers=False):
         """Plain images (B, C, H, W) -> tokens (B, N, D) in raster order (and per-block tokens).
-        Evaluation calls this, so a subclass that encodes differently (ec_ijepa.py) is probed as
-        it encodes."""
+        Evaluation calls this, so a subclass that encodes differently (studies/ec_ijepa.py) is
+        probed as it encodes."""
         return self(*self.image_tokens(images), return_layers=return_layers)
 
 
@@ -412,8 +413,10 @@ class MultiBlockMasking:
 
     Each block draws its scale and aspect ratio independently and its corner over every position
     where it fits, so every patch can be a target and context. The context block has the grid's own
-    aspect ratio, so that it covers 85-100% of any grid (a square block on a 4x8 grid could cover
-    only 62%). Every image keeps its own mask. Sampling always terminates: after `attempts` draws
+    aspect ratio, so that its scale means the same on any grid (a square block on a 4x8 grid could
+    cover only 62%). Its sides are whole patches, so the drawn 85-100% is rounded: on small grids
+    it covers less (2,000 draws: at least 77% of an 8x8 grid, 74% of 7x7, 84% of 12x12; the whole
+    of a 4x4 grid). Every image keeps its own mask. Sampling always terminates: after `attempts` draws
     whose context keeps fewer than `min_context` patches, the draw with the largest context is
     taken and its target blocks are dropped, last first, until the context is large enough (one
     target block of at most 20% inside a context of at least 85% always leaves enough).
@@ -613,9 +616,10 @@ def mask_images(images: torch.Tensor, patch_size: int, masking, g: torch.Generat
 
 @dataclass
 class JEPAOutput:
-    """What a forward returns. Everything is laid out like the hidden stream (B, Lh), so shapes
-    never depend on the masks (a compiled model never recompiles); the properties list the T
-    predicted tokens alone."""
+    """What a forward returns, laid out like the hidden stream (B, Lh); the properties list the T
+    predicted tokens alone. Lh is the longest hidden stream of the batch: for an ordinary batch it
+    changes with the masks from batch to batch (a compiled model sees a new shape), for a packed
+    batch (packing.py) it is fixed, so every packed batch has one shape."""
 
     loss: torch.Tensor  # scalar: mean over every predicted token and channel
     loss_per_slot: torch.Tensor  # (B, Lh) mean loss of each hidden-stream slot (0 where not a target)
@@ -642,7 +646,7 @@ class IJEPA(nn.Module):
     """Student (context encoder), EMA teacher (target encoder, no gradients) and predictor.
 
     `forward` runs the four stages of the method; each is a method, so that a variant
-    (ec_ijepa.py) can replace one stage and keep the others."""
+    (studies/ec_ijepa.py) can replace one stage and keep the others."""
 
     encoder_class = VisionTransformer
 

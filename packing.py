@@ -10,7 +10,7 @@ The pipeline, per image:
 
 Every batch has the same tensor shapes, so a compiled model never recompiles, and the model of
 models.py trains on it through its ordinary forward: attention is block-diagonal by sample id.
-Unlike the research packer, which drops the image that triggers each flush, every image comes
+Unlike a packer that drops the image that triggers each flush, every image comes
 out exactly once: an image that finds no room waits for the next batch, and the end of a finite
 stream flushes the rest into final, partly filled batches.
 """

@@ -42,7 +42,7 @@ def layer_features(encoder, images: torch.Tensor, batch_size: int = 256, normali
     encoder's last layer), then the final output (after it). With pool_grid k > 1 the tokens are
     pooled over a k x k grid of cells instead (`grid_pool`): arrays (N, k*k*D). `normalize` is
     applied to each image batch first (e.g. data.normalize). The encoder's own `encode` is used,
-    so an encoder that encodes in its own way (ec_ijepa.py) is probed as it encodes."""
+    so an encoder that encodes in its own way (studies/ec_ijepa.py) is probed as it encodes."""
     p = encoder.cfg.patch_size
     grid = (images.shape[-2] // p, images.shape[-1] // p)
     check_pool_grid(grid, pool_grid)  # before any encoding
