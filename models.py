@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -307,7 +308,8 @@ class VisionTransformer(nn.Module):
 #   dyntanh    the encoder ends in DynTanh, which bounds the features without equalising their
 #              norms; nothing more.
 #   batchnorm  the encoder ends without a norm; each channel is standardised with statistics over
-#              the valid target tokens only (padding never enters).
+#              the valid target tokens only (padding never enters), of every rank's batch under
+#              DistributedDataParallel (as one process would give the whole batch).
 #   none       the encoder ends without a norm; its raw output is the target.
 
 
@@ -333,16 +335,26 @@ def feature_norm_layer(feature_norm: str, dim: int) -> nn.Module:
     return nn.Identity()  # batchnorm and none start from the last block's raw output
 
 
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed, in place, over the processes of a distributed run (DistributedDataParallel);
+    `x` itself in a single process. Every rank must call it, in the same order."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
 def apply_feature_norm(features: torch.Tensor, valid: torch.Tensor, feature_norm: str) -> torch.Tensor:
     """The teacher's output tokens (B, L, D) -> regression targets (B, L, D); `valid` (B, L) marks
-    the tokens that are predicted (batchnorm's statistics come from those alone)."""
+    the tokens that are predicted (batchnorm's statistics come from those alone, on every rank)."""
     if feature_norm == "layernorm":
         return F.layer_norm(features, features.shape[-1:])
     if feature_norm == "batchnorm":  # masked statistics: no data-dependent shapes, so it compiles
-        w = valid[..., None].to(features.dtype)  # (B, L, 1)
-        n = w.sum().clamp(min=1)
-        mean = (features * w).sum((0, 1)) / n  # (D,)
-        var = ((features - mean) ** 2 * w).sum((0, 1)) / n
+        # The sums are over every rank, so the targets do not depend on how a batch is split
+        # between processes. Other tokens are selected out, not multiplied by 0 (0 x inf is NaN).
+        keep = valid[..., None]  # (B, L, 1)
+        n = sum_over_ranks(valid.sum().to(features.dtype)).clamp(min=1)
+        mean = sum_over_ranks(torch.where(keep, features, 0.0).sum((0, 1))) / n  # (D,)
+        var = sum_over_ranks(torch.where(keep, (features - mean) ** 2, 0.0).sum((0, 1))) / n
         return (features - mean) / torch.sqrt(var + 1e-6)
     return features  # "dyntanh" (already bounded by the encoder's last layer) and "none"
 
@@ -687,13 +699,18 @@ class IJEPA(nn.Module):
 
     def loss(self, prediction: torch.Tensor, teacher_features: torch.Tensor, batch: MaskedBatch) -> JEPAOutput:
         """4. The loss, a mean over the predicted tokens and their channels (smooth-L1, beta 1, or MSE)."""
+        # The slots that are not targets are selected out (set to 0 in both), not multiplied by 0
+        # afterwards: whatever they hold, inf or NaN included, never reaches the loss or its
+        # gradient (0 x inf is NaN).
+        keep = batch.is_target[..., None]  # (B, Lh, 1)
+        prediction_kept = torch.where(keep, prediction.float(), 0.0)
+        targets_kept = torch.where(keep, teacher_features.float(), 0.0)
         if self.cfg.loss == "smooth_l1":
-            per_elem = F.smooth_l1_loss(prediction.float(), teacher_features.float(), reduction="none", beta=1.0)
+            per_elem = F.smooth_l1_loss(prediction_kept, targets_kept, reduction="none", beta=1.0)
         else:
-            per_elem = F.mse_loss(prediction.float(), teacher_features.float(), reduction="none")
-        weight = batch.is_target.to(per_elem.dtype)  # (B, Lh)
-        per_slot = per_elem.mean(-1) * weight  # (B, Lh)
-        loss = per_slot.sum() / weight.sum().clamp(min=1)
+            per_elem = F.mse_loss(prediction_kept, targets_kept, reduction="none")
+        per_slot = per_elem.mean(-1)  # (B, Lh), 0 where not a target
+        loss = per_slot.sum() / batch.is_target.sum().clamp(min=1)
         return JEPAOutput(loss, per_slot, batch.is_target, batch.hidden_sample, batch.hidden_pos, prediction,
                           teacher_features)
 

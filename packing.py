@@ -168,7 +168,7 @@ class Packer:
 
 
 # -----------------------------------------------------------------------------------------------
-# The whole pipeline, in DataLoader workers
+# The whole pipeline: images prepared in DataLoader workers, then packed in order
 
 
 def prepare(image: torch.Tensor, cfg: PackingConfig, masking, g: torch.Generator, label=-1) -> M.SplitImage:
@@ -194,65 +194,110 @@ def pack_images(images, cfg: PackingConfig, masking, g: torch.Generator):
     yield from packer.flush()
 
 
-class BatchStream(torch.utils.data.IterableDataset):
-    """Training batches of a map-style dataset, built inside DataLoader workers.
+class BatchStream:
+    """Training batches of a map-style dataset, prepared in `workers` DataLoader worker processes.
 
     With `packing` (a PackingConfig), images get random sizes and are packed; with
     `packing=None`, images keep their size and go `batch_size` to an ordinary batch (one image
-    per row). Shard s of n (n = ranks x workers) takes images s, s+n, s+2n, ... of an order
-    shuffled by (seed, epoch), and draws sizes and masks from its own generator seeded by
-    (seed, epoch, shard), so a seed reproduces every batch. Items of `dataset` are images
-    (C, H, W), (image, label) pairs, or dicts with "image" and optional "label". `augment`, if
-    given, is called as augment(image, generator) on each image before it is sized and masked
-    (e.g. data.RandomShiftFlip), with the same seeded generator. Use with
-    `DataLoader(stream, batch_size=None, num_workers=...)`; call `set_epoch` between epochs.
+    per row). Rank r of `world` takes images r, r+world, r+2*world, ... of an order shuffled by
+    (seed, epoch) and cuts them into groups of `batch_size`. Group k is prepared (augmented,
+    sized, masked, split) with a generator seeded by (seed, epoch, rank, k) alone, by worker
+    k mod `workers`; the DataLoader takes one item from each worker in turn, so the groups arrive
+    in order. An ordinary batch is one group; packed batches are packed from the groups, in order,
+    in the iterating process, which holds the packer's pool. So the batches are the same for any
+    number of workers (a resumed run may use another), and a seed reproduces every batch.
+
+    Items of `dataset` are images (C, H, W), (image, label) pairs, or dicts with "image" and
+    optional "label". `augment`, if given, is called as augment(image, generator) on each image
+    before it is sized and masked (e.g. data.RandomShiftFlip), with the group's generator.
+    Iterate it for one epoch's batches; call `set_epoch` between epochs.
     """
 
     def __init__(self, dataset, masking, patch_size: int, packing: PackingConfig | None = None,
                  batch_size: int = 64, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 augment=None):
+                 augment=None, workers: int = 0):
         if packing is not None and packing.patch_size != patch_size:
             raise ValueError(f"packing.patch_size {packing.patch_size} differs from the model's patch size {patch_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.dataset, self.masking, self.patch_size, self.packing = dataset, masking, patch_size, packing
         self.batch_size, self.seed, self.shuffle, self.rank, self.world = batch_size, seed, shuffle, rank, world
-        self.augment, self.epoch = augment, 0
+        self.augment, self.workers, self.epoch = augment, workers, 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def _images(self, indices, generator):
+    def groups(self) -> list:
+        """This rank's images of this epoch, in groups of batch_size: lists of dataset indices."""
+        order = torch.arange(len(self.dataset))
+        if self.shuffle:
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
+        mine = order[self.rank::self.world].tolist()
+        return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+
+    def prepare_group(self, k: int, indices: list) -> M.MaskedBatch:
+        """Group k's images, each augmented, sized (packing) and split, as an ordinary batch (one
+        image per row). Its draws come from its own generator: the hash of a tuple of ints is the
+        same in every process and run (only str and bytes hashes are salted)."""
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank, k)))
+        splits = []
         for i in indices:
-            item = self.dataset[i]
-            if isinstance(item, dict):
-                image, label = item["image"], int(item.get("label", -1))
-            elif isinstance(item, (tuple, list)):
-                image, label = item[0], int(item[1])
+            image, label = self._image(i)
+            if self.augment is not None:
+                image = self.augment(image, g)
+            if self.packing is None:
+                splits.append(M.split_image(image, self.patch_size, self.masking, g, label))
             else:
-                image, label = item, -1
-            yield (image if self.augment is None else self.augment(image, generator)), label
+                splits.append(prepare(image, self.packing, self.masking, g, label))
+        return M.MaskedBatch.padded(splits)
+
+    def _image(self, i) -> tuple:
+        item = self.dataset[i]
+        if isinstance(item, dict):
+            return item["image"], int(item.get("label", -1))
+        if isinstance(item, (tuple, list)):
+            return item[0], int(item[1])
+        return item, -1
+
+    def __iter__(self):
+        groups = torch.utils.data.DataLoader(PreparedGroups(self), batch_size=None, num_workers=self.workers)
+        if self.packing is None:
+            yield from groups
+            return
+        # The packer's pool carries images over from one batch to the next, so the packing is done
+        # here, in order: workers that each packed their own groups would make other batches for
+        # another number of workers. A group crosses from its worker as one padded batch (a few
+        # tensors): hundreds of small SplitImage tensors would cost more than unpadding them here.
+        packer = Packer(self.packing)
+        for group in groups:
+            for s in unpad(group):
+                yield from packer.add(s)
+        yield from packer.flush()
+
+
+class PreparedGroups(torch.utils.data.IterableDataset):
+    """One epoch of a BatchStream's groups, for a DataLoader: worker w of W prepares groups
+    w, w+W, w+2W, ..., so that taking one item from each worker in turn gives them in order."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shard, shards = self.rank * workers + worker, self.world * workers
-        order = torch.arange(len(self.dataset))
-        if self.shuffle:
-            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + shard)
-        images = self._images(order[shard::shards].tolist(), g)
-        if self.packing is not None:
-            yield from pack_images(images, self.packing, self.masking, g)
-            return
-        splits = []
-        for image, label in images:
-            splits.append(M.split_image(image, self.patch_size, self.masking, g, label))
-            if len(splits) == self.batch_size:
-                yield M.MaskedBatch.padded(splits)
-                splits = []
-        if splits:
-            yield M.MaskedBatch.padded(splits)
+        groups = self.stream.groups()
+        for k in range(worker, len(groups), workers):
+            yield self.stream.prepare_group(k, groups[k])
+
+
+def unpad(batch: M.MaskedBatch) -> list:
+    """An ordinary batch (one image per row, `MaskedBatch.padded`) -> its SplitImages again."""
+    splits = []
+    for r, (grid, label) in enumerate(zip(batch.grids.tolist(), batch.labels.tolist())):
+        c, h = batch.context_sample[r] >= 0, batch.hidden_sample[r] >= 0
+        splits.append(M.SplitImage(batch.context_patches[r, c], batch.context_pos[r, c], batch.hidden_patches[r, h],
+                                   batch.hidden_pos[r, h], batch.is_target[r, h], tuple(grid), label))
+    return splits
 
 
 def occupancy(batch: M.MaskedBatch) -> float:

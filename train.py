@@ -20,7 +20,8 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -33,41 +34,55 @@ import models as M
 import packing as P
 
 
+DEMO_STEPS = 1200  # the demo recipe's length when no --steps, --epochs or --minutes is given (12.8 epochs)
+DEMO_OUT = "checkpoints/demo"  # where the command line writes when no --out is given
+
+
+def option(default, help: str):
+    """A TrainConfig field; the command line gets a flag --the-name with this help (`build_parser`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    dataset: str = "scenes"  # "scenes" (built in), "stl10", "cifar10", or a folder of class sub-folders
-    num_images: int = 12_000  # training images of the built-in dataset
-    resolution: int = 64  # image side in pixels (packing: the largest side)
-    model: str = "micro"
-    predictor_dim: int | None = None  # None: the preset's predictor width and depth
-    predictor_depth: int | None = None
-    patch_size: int = 8
-    masking: str = "multiblock"
-    num_targets: int = 4  # multiblock masking: target blocks per image (2 leave a larger context on small grids)
-    packing: bool = False
-    feature_norm: str = "layernorm"
-    loss: str = "smooth_l1"
-    condition_encoders: bool = False
-    shift: int = 0  # augmentation: translate each training image by up to so many pixels (0: none)
-    flip: bool = False  # augmentation: mirror each training image left-right half of the time
-    steps: int | None = None  # length of the run: steps, epochs or minutes (one of them)
-    epochs: float | None = None
-    minutes: float | None = None
-    batch_size: int = 128  # images per step (packing: rows are sized to hold about this many)
-    lr: float = 2e-3  # peak learning rate
-    warmup: float = 0.1  # fraction of the run spent warming up
-    weight_decay: tuple = (0.04, 0.4)
-    ema: tuple = (0.998, 1.0)  # teacher momentum, start -> end (the official recipe: 0.996 -> 1.0)
-    grad_clip: float = 0.0  # 0: none (as the official recipe)
-    seed: int = 0
-    out: str | None = None  # folder for checkpoint.pt and log.jsonl
-    resume: bool = False
-    checkpoint_every: int = 200
-    log_every: int = 10
-    stop_after: int | None = None  # stop this invocation after so many steps (resume later)
-    compile: bool = False
-    device: str = "auto"
-    workers: int = 0  # DataLoader worker processes that build the batches
+    dataset: str = option("scenes", "scenes (built in), stl10, cifar10, or a folder of class sub-folders")
+    num_images: int = option(12_000, "training images of the built-in scenes")
+    resolution: int = option(64, "image side in pixels (packing: the largest side)")
+    model: str = option("micro", f"one of {sorted(M.PRESETS)}")
+    predictor_dim: int | None = option(None, "predictor width (default: the preset's)")
+    predictor_depth: int | None = option(None, "predictor blocks (default: the preset's)")
+    patch_size: int = option(8, "patch side in pixels")
+    masking: str = option("multiblock", f"one of {sorted(M.MASKINGS)}")
+    num_targets: int = option(4, "multiblock masking: target blocks per image (2 leave a larger context on small grids)")
+    packing: bool = option(False, "variable-resolution images packed into fixed-shape batches (packing.py)")
+    feature_norm: str = option("layernorm", f"one of {M.FEATURE_NORMS}, the normalisation of the targets "
+                                            f"(batchnorm: statistics over every rank's batch under torchrun)")
+    loss: str = option("smooth_l1", f"one of {M.LOSSES}")
+    condition_encoders: bool = option(False, "train the encoder-conditioned variant (studies/ec_ijepa.py)")
+    shift: int = option(0, "augmentation: translate each training image by up to N pixels (0: none)")
+    flip: bool = option(False, "augmentation: mirror each training image left-right half of the time")
+    steps: int | None = option(None, f"length of the run in steps; give one of --steps, --epochs, --minutes "
+                                     f"(none of them: the demo recipe's {DEMO_STEPS} steps)")
+    epochs: float | None = option(None, "length of the run in passes over the training images")
+    minutes: float | None = option(None, "length of the run in minutes of wall-clock time; the schedules follow "
+                                         "the measured steps, so such a run cannot be resumed")
+    batch_size: int = option(128, "images per step (packing: rows are sized to hold about this many)")
+    lr: float = option(2e-3, "peak learning rate")
+    warmup: float = option(0.1, "fraction of the run spent warming up the learning rate")
+    weight_decay: tuple = option((0.04, 0.4), "weight decay, start -> end (cosine)")
+    ema: tuple = option((0.998, 1.0), "teacher momentum, start -> end (the official recipe: 0.996 -> 1.0)")
+    grad_clip: float = option(0.0, "clip the gradient norm to this (0: no clipping, as the official recipe)")
+    seed: int = option(0, "seed of the initial weights, of the images' order and of every size, mask and augmentation")
+    out: str | None = option(None, f"folder for checkpoint.pt and log.jsonl (command line default: {DEMO_OUT})")
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    checkpoint_every: int = option(200, "write the checkpoint every so many steps")
+    log_every: int = option(10, "log a row (loss, schedules, RankMe, ...) every so many steps")
+    stop_after: int | None = option(None, "stop this invocation after so many steps (resume later)")
+    compile: bool = option(False, "torch.compile the forward; with --packing every batch has one shape and it "
+                                  "compiles once, without it the padded lengths vary and it compiles a second, "
+                                  "dynamic-shape graph")
+    device: str = option("auto", "auto (cuda if there is one, else cpu), cpu, cuda, ...")
+    workers: int = option(0, "DataLoader worker processes that prepare the images (any number gives the same batches)")
 
     def jepa_config(self) -> M.JEPAConfig:
         return M.JEPAConfig(model=self.model, patch_size=self.patch_size, feature_norm=self.feature_norm,
@@ -89,7 +104,13 @@ def build_model(cfg: TrainConfig) -> M.IJEPA:
     return (ec_ijepa.ConditionedIJEPA if cfg.condition_encoders else M.IJEPA)(cfg.jepa_config())
 
 
-DEMO_STEPS = 1200  # the demo recipe's length when no --steps, --epochs or --minutes is given (12.8 epochs)
+def initial_model(cfg: TrainConfig) -> M.IJEPA:
+    """The model at the exact weights `train(cfg)` starts from (drawn with cfg.seed), e.g. the
+    random-init baseline of a trained checkpoint. The caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg)
+
 
 STEP_WINDOW = 200  # --minutes: the run is sized from the median duration of the last so many steps
 RANKME_IMAGES = 256  # fixed training images whose mean-pooled teacher features give the logged RankMe
@@ -98,7 +119,7 @@ RANKME_IMAGES = 256  # fixed training images whose mean-pooled teacher features 
 ADAM_BETAS = (0.9, 0.95)
 
 # Fields that may differ when resuming; every other field must match the checkpoint's.
-RESUMABLE = {"out", "resume", "checkpoint_every", "log_every", "stop_after", "compile", "device", "workers", "minutes"}
+RESUMABLE = {"out", "resume", "checkpoint_every", "log_every", "stop_after", "compile", "device", "workers"}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -112,6 +133,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("steps", "epochs", "minutes"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.minutes is not None and cfg.stop_after:
+        raise ValueError("--stop-after needs --steps or --epochs: a --minutes run cannot be resumed")
     if cfg.resume and not cfg.out:
         raise ValueError("--resume needs --out DIR, the folder holding checkpoint.pt")
     if cfg.resume and not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
@@ -226,11 +249,24 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
+    """The checkpoint's contents, read with weights_only=True (tensors and plain values only: no
+    code in the file can run). The error says which of the ways it can fail this is."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); the file is truncated "
-                         f"or corrupt: delete it and start again, or resume from a good copy") from e
+        if "Unsupported global" in str(e):  # torch's only sign that weights_only refused a class the file names
+            raise ValueError(f"checkpoint {path!r} was refused by torch.load(weights_only=True): it holds Python "
+                             f"objects besides tensors and plain values, and loading those could run code from the "
+                             f"file; load it with weights_only=False only if you trust where it comes from") from e
+        raise ValueError(f"cannot read checkpoint {path!r}: it is not a PyTorch file, or it is truncated or corrupt "
+                         f"({type(e).__name__}: {e}); delete it and start again, or resume from a good copy") from e
+
+
+def missing_keys(ckpt, keys) -> list:
+    """The keys a checkpoint lacks of those given (all of them if it is not a dict)."""
+    return [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list:
@@ -246,8 +282,9 @@ def _plain(v):
 def model_from_checkpoint(path: str, device="cpu") -> tuple:
     """(IJEPA with the checkpoint's weights, its TrainConfig) — for notebooks and scripts."""
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or not {"config", "student", "teacher", "predictor"} <= ckpt.keys():
-        raise ValueError(f"{path!r} is not a checkpoint of train.py (it needs config, student, teacher and predictor)")
+    missing = missing_keys(ckpt, ("config", "student", "teacher", "predictor"))
+    if missing:
+        raise ValueError(f"{path!r} is not a checkpoint of train.py (it lacks {', '.join(missing)})")
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
     model = build_model(cfg)
@@ -263,15 +300,16 @@ def model_from_checkpoint(path: str, device="cpu") -> tuple:
 # The committed reference model: the weights of a long run of this file (how it was made:
 # checkpoints/reference/README.md). The demo checkpoint is what `python train.py` writes.
 REFERENCE_CHECKPOINT = "checkpoints/reference/checkpoint.pt"
-DEMO_CHECKPOINT = "checkpoints/demo/checkpoint.pt"
+DEMO_CHECKPOINT = os.path.join(DEMO_OUT, "checkpoint.pt")
 WEIGHTS = ("config", "step", "total_steps", "student", "teacher", "predictor")  # what export_weights keeps
+RUN_STATE = ("optimizer", "epoch", "in_epoch", "rng")  # what a run needs besides them to go on
 
 
 def export_weights(src: str, dst: str) -> None:
     """Copy a training checkpoint without its optimiser state and log: config, step and the three
     networks, the part a trained model needs. Written atomically."""
     ckpt = load_checkpoint(src)
-    missing = [k for k in WEIGHTS if k not in ckpt]
+    missing = missing_keys(ckpt, WEIGHTS)
     if missing:
         raise ValueError(f"{src!r} is not a checkpoint of train.py (it lacks {', '.join(missing)})")
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
@@ -300,17 +338,38 @@ def default_checkpoint() -> str:
     return checkpoint_or_train(DEMO_CHECKPOINT, TrainConfig(steps=DEMO_STEPS))
 
 
+def check_resumable(ckpt: dict, path: str) -> None:
+    """Raise a ValueError, saying what to do instead, if a checkpoint holds no run that can go on."""
+    missing = missing_keys(ckpt, WEIGHTS + RUN_STATE)
+    if missing:
+        raise ValueError(f"cannot resume from {path}: it lacks {', '.join(missing)} (the weights alone, as "
+                         f"export_weights writes them, are a model, not a run that can go on); train afresh")
+    if ckpt["total_steps"] is None:
+        raise ValueError(f"{path} was written part-way through a --minutes run (at step {ckpt['step']}), which "
+                         f"cannot be resumed: its schedules were sized by its own clock. Train afresh without "
+                         f"--resume; a run given its length with --steps or --epochs can be stopped and resumed")
+
+
+def run_length(cfg: TrainConfig) -> str:
+    """The length of the run a config asks for, in words."""
+    return next(f"{value} {name}" for name, value in (("steps", cfg.steps), ("epochs", cfg.epochs), ("minutes", cfg.minutes))
+                if value is not None)
+
+
 def checkpoint_or_train(path: str, cfg: TrainConfig) -> str:
     """`path` if it holds a finished run; otherwise train `cfg` into path's folder first, and say so.
-    A run that stopped part-way (interrupted, or --stop-after) is resumed, not used as it is."""
+    A run that stopped part-way (interrupted, or --stop-after) is resumed, not used as it is (a
+    --minutes run cut short cannot be: the error says what to do instead)."""
     out = os.path.dirname(path)
     if not os.path.exists(path):
-        print(f"no checkpoint at {path}: training one now ({cfg.steps} steps of {cfg.model} into {out})")
+        print(f"no checkpoint at {path}: training one now ({run_length(cfg)} of {cfg.model} into {out})")
         train(TrainConfig(**{**asdict(cfg), "out": out}))
         return path
     state = load_checkpoint(path)
-    if state.get("step", 0) < state.get("total_steps", 0):
-        print(f"{path} stopped at step {state['step']} of {state['total_steps']}: resuming it")
+    total = state.get("total_steps", 0)  # None: written part-way through a --minutes run
+    if total is None or state.get("step", 0) < total:
+        check_resumable(state, path)
+        print(f"{path} stopped at step {state['step']} of {total}: resuming it")
         train(TrainConfig(**{**asdict(cfg), "out": out, "resume": True}))
     return path
 
@@ -357,16 +416,16 @@ def build_stream(cfg: TrainConfig, dataset, rank=0, world=1) -> P.BatchStream:
         packing = P.PackingConfig(**{**asdict(probe), "rows": rows})
     augment = data.RandomShiftFlip(cfg.shift, cfg.flip) if cfg.shift or cfg.flip else None
     return P.BatchStream(dataset, masking, cfg.patch_size, packing, cfg.batch_size, cfg.seed, rank=rank, world=world,
-                         augment=augment)
+                         augment=augment, workers=cfg.workers)
 
 
-def batches_forever(stream, cfg: TrainConfig, epoch: int, skip: int):
+def batches_forever(stream, epoch: int, skip: int):
     """(epoch, index in epoch, batch) without end, starting `skip` batches into `epoch`: a resumed
-    run replays the data pipeline up to where it stopped, so it sees exactly the same batches."""
+    run replays the data pipeline up to where it stopped, so it sees exactly the same batches
+    (with any number of workers: see packing.BatchStream)."""
     while True:
         stream.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers)
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(stream):
             if i >= skip:
                 yield epoch, i, batch
         epoch, skip = epoch + 1, 0
@@ -412,7 +471,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         return int(t)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
+    model = initial_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
     dataset = build_dataset(cfg)
     rankme_images = torch.stack([dataset[i][0] for i in range(min(RANKME_IMAGES, len(dataset)))]).to(device)
@@ -425,6 +484,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
+        check_resumable(ckpt, ckpt_path)
+        saved_world = ckpt.get("world", world)  # older checkpoints did not store it
+        if saved_world != world:
+            raise ValueError(f"{ckpt_path} was written by {saved_world} process(es), this run has {world}: each "
+                             f"process trains on its own share of the images, so another number would see other "
+                             f"batches. Resume with torchrun --nproc_per_node {saved_world} (1: plain python), or "
+                             f"train afresh into another --out")
         diff = config_differences(ckpt["config"], cfg)
         if diff:
             raise ValueError(f"{ckpt_path} was written with another configuration; differing fields: "
@@ -447,7 +513,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     def checkpoint_state():
         return {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
                 "predictor": model.predictor.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "epoch": epoch, "in_epoch": in_epoch, "total_steps": total,
+                "step": step, "epoch": epoch, "in_epoch": in_epoch, "total_steps": total, "world": world,
                 "config": {k: _plain(v) for k, v in asdict(cfg).items()}, "rng": torch.get_rng_state()}
 
     if total is None and cfg.steps is not None:
@@ -461,7 +527,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     # wall-clock step (data loading included) of the last STEP_WINDOW steps. The median ignores the
     # slow first step, logging and checkpoint steps and passing load on the machine; the schedules
     # are smooth in step / length, so the settling estimate moves them little. The run ends when no
-    # further step fits, a small margin before the deadline.
+    # further step fits, a small margin before the deadline; its length is then the steps reached.
+    # Until then its checkpoints store no length (None): the run cannot be resumed, since a new
+    # clock would size other schedules.
     timed = cfg.minutes is not None and total is None
     deadline = time.perf_counter() + cfg.minutes * 60 if timed else None
 
@@ -474,7 +542,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     in_terminal = sys.stderr.isatty() and "ipykernel" not in sys.modules  # a notebook's stream claims to be a tty
     bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="pre-training", dynamic_ncols=True,
                mininterval=0.5 if in_terminal else 30)  # a log file or notebook gets a line every 30 s
-    batches = batches_forever(stream, cfg, epoch, in_epoch)
+    batches = batches_forever(stream, epoch, in_epoch)
     while True:
         if total is not None and step >= total or stop_at is not None and step >= stop_at:
             break
@@ -492,7 +560,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        loss = float(result.loss)
+        # The loss averaged over the ranks: every rank logs the same value and, when it is not
+        # finite, every rank stops at this step (a rank stopping alone would leave the others
+        # waiting in the next all-reduce).
+        loss = float(M.sum_over_ranks(result.loss.clone()) / world)
         if not math.isfinite(loss):
             bar.close()
             kept = f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path) \
@@ -523,53 +594,38 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if ckpt_path and rank == 0 and step % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt_path, checkpoint_state())
     bar.close()
+    if timed:
+        total = step
     if ckpt_path and rank == 0:
         save_checkpoint(ckpt_path, checkpoint_state())
     if distributed:
         dist.destroy_process_group()
-    return TrainResult(model, log, losses, step, step if timed else total, time.perf_counter() - start, cfg)
+    return TrainResult(model, log, losses, step, total, time.perf_counter() - start, cfg)
 
 
 # -----------------------------------------------------------------------------------------------
 # Command line
 
 
-def parse_args(argv=None) -> TrainConfig:
-    d = TrainConfig()
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, --the-name, with the field's default and help: booleans as
+    --flag / --no-flag, pairs (start, end) as two numbers, X | None as X."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=d.dataset, help="scenes (built in), stl10, cifar10, or a folder path")
-    ap.add_argument("--num-images", type=int, default=d.num_images, help="training images of the built-in scenes")
-    ap.add_argument("--resolution", type=int, default=d.resolution)
-    ap.add_argument("--model", default=d.model, help=f"one of {sorted(M.PRESETS)}")
-    ap.add_argument("--predictor-dim", type=int, help="predictor width (default: the preset's)")
-    ap.add_argument("--predictor-depth", type=int, help="predictor blocks (default: the preset's)")
-    ap.add_argument("--patch-size", type=int, default=d.patch_size)
-    ap.add_argument("--masking", default=d.masking, help=f"one of {sorted(M.MASKINGS)}")
-    ap.add_argument("--num-targets", type=int, default=d.num_targets, help="target blocks per image (multiblock masking)")
-    ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d.packing)
-    ap.add_argument("--feature-norm", default=d.feature_norm, help=f"one of {M.FEATURE_NORMS}")
-    ap.add_argument("--loss", default=d.loss, help=f"one of {M.LOSSES}")
-    ap.add_argument("--condition-encoders", action="store_true")
-    ap.add_argument("--shift", type=int, default=d.shift,
-                    help="augmentation: translate each training image by up to N pixels (default 0: none)")
-    ap.add_argument("--flip", action="store_true", help="augmentation: mirror each training image half of the time")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--epochs", type=float)
-    ap.add_argument("--minutes", type=float)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--ema", type=float, nargs=2, default=d.ema, metavar=("START", "END"))
-    ap.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    ap.add_argument("--out", default="checkpoints/demo", help="folder for checkpoint.pt and log.jsonl (default: checkpoints/demo)")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    ap.add_argument("--stop-after", type=int, help="stop after so many steps of this invocation (resume later)")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the forward; with --packing every batch has one shape and it compiles once, "
-                         "without it the padded lengths vary and it compiles a second, dynamic-shape graph")
-    ap.add_argument("--device", default=d.device)
-    ap.add_argument("--workers", type=int, default=d.workers)
+    for f in fields(TrainConfig):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # int | None -> int
+        if kind is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        elif kind is tuple:
+            ap.add_argument(flag, type=float, nargs=2, metavar=("START", "END"), default=f.default, help=help)
+        else:
+            ap.add_argument(flag, type=kind, default=f.default, help=help)
+    ap.set_defaults(out=DEMO_OUT)  # the command line always writes its run somewhere
+    return ap
+
+
+def parse_args(argv=None) -> TrainConfig:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.steps is None and a.epochs is None and a.minutes is None:
         a.steps = DEMO_STEPS  # the demo recipe

@@ -1,6 +1,9 @@
 """Behaviour of models.py: shapes, positions, attention isolation, masking, feature norms, EMA, learning."""
 
 import math
+import os
+import socket
+import time
 
 import pytest
 import torch
@@ -250,7 +253,49 @@ def test_batchnorm_targets_use_valid_tokens_only():
     feats2 = feats.clone()
     feats2[~valid] = 100.0
     torch.testing.assert_close(M.apply_feature_norm(feats2, valid, "batchnorm")[valid], out[valid])
+    feats2[~valid] = float("inf")  # selected out, not multiplied by 0
+    torch.testing.assert_close(M.apply_feature_norm(feats2, valid, "batchnorm")[valid], out[valid])
     torch.testing.assert_close(out[valid].mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+
+
+def _global_batch():
+    features = torch.randn(4, 5, 8, generator=gen(1)) * 3 + 1
+    valid = torch.rand(4, 5, generator=gen(2)) < 0.6
+    return features, valid
+
+
+def _two_ranks_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.distributed.init_process_group("gloo")
+    features, valid = _global_batch()
+    mine = slice(2 * rank, 2 * rank + 2)  # each rank holds half of the global batch
+    targets = M.apply_feature_norm(features[mine], valid[mine], "batchnorm")
+    loss = M.sum_over_ranks(torch.tensor(float("nan") if rank == 1 else 0.5))  # only rank 1's is NaN
+    torch.save({"targets": targets, "loss": loss}, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_batchnorm_statistics_and_sums_are_over_every_rank(tmp_path):
+    # Under DistributedDataParallel the batchnorm targets of each rank's half of a batch are those
+    # of the whole batch in one process, and a sum over ranks reaches every rank (a NaN included).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = torch.multiprocessing.start_processes(_two_ranks_worker, args=(port, str(tmp_path)), nprocs=2,
+                                                join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish in 120 s")
+    features, valid = _global_batch()
+    whole = M.apply_feature_norm(features, valid, "batchnorm")
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        mine = slice(2 * rank, 2 * rank + 2)
+        torch.testing.assert_close(saved["targets"][valid[mine]], whole[mine][valid[mine]])
+        assert torch.isnan(saved["loss"])
 
 
 def test_layernorm_targets_have_equal_norms():
@@ -331,6 +376,24 @@ def test_loss_halves_within_100_steps_on_a_fixed_batch(masking):
         if losses[-1] <= 0.5 * losses[0]:
             break
     assert losses[-1] <= 0.5 * losses[0], f"loss went {losses[0]:.4f} -> {losses[-1]:.4f} in 100 steps"
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_unused_slots_never_reach_the_loss(bad):
+    # The loss selects the target slots: an inf or NaN in a slot that is not a target (padding,
+    # or what the predictor writes there) leaves the loss and the gradients as they were.
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig())
+    batch = M.mask_images(torch.rand(3, 3, 32, 32), 8, M.MultiBlockMasking(), gen())
+    assert (~batch.is_target).any()
+    prediction, targets = torch.randn(2, *batch.is_target.shape, 128)
+    clean = model.loss(prediction, targets, batch)
+    unused = ~batch.is_target[..., None]
+    dirty_prediction = prediction.masked_fill(unused, bad).requires_grad_()
+    dirty = model.loss(dirty_prediction, targets.masked_fill(unused, bad), batch)
+    assert torch.equal(dirty.loss, clean.loss) and torch.equal(dirty.loss_per_slot, clean.loss_per_slot)
+    dirty.loss.backward()
+    assert torch.isfinite(dirty_prediction.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------

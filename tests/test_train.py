@@ -1,6 +1,7 @@
 """train.py: exact resume, checkpoints that refuse what they should, NaN stop, flags, DDP."""
 
 import dataclasses
+import fractions
 import json
 import os
 import re
@@ -53,6 +54,109 @@ def test_checkpoint_or_train_finishes_a_stopped_run_and_then_leaves_it_alone(tmp
     before = os.path.getmtime(path)
     T.checkpoint_or_train(path, cfg)  # finished: used as it is
     assert os.path.getmtime(path) == before
+
+
+@pytest.fixture
+def steady_clock(monkeypatch):
+    """A clock that advances 10 ms each time it is read: every step takes the same time, whatever
+    the machine's load."""
+    now = [0.0]
+
+    def clock():
+        now[0] += 0.01
+        return now[0]
+    monkeypatch.setattr(T.time, "perf_counter", clock)
+
+
+def test_a_timed_run_stores_its_length_and_is_then_a_finished_checkpoint(tmp_path, steady_clock, capsys):
+    cfg = T.TrainConfig(minutes=0.02, **TINY)
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    assert T.checkpoint_or_train(path, cfg) == path  # no checkpoint yet: trains one
+    assert "training one now (0.02 minutes of micro" in capsys.readouterr().out
+    saved = torch.load(path, weights_only=True)
+    assert saved["total_steps"] == saved["step"] >= 4  # the schedules' final length: the steps reached
+    before = os.path.getmtime(path)
+    assert T.checkpoint_or_train(path, cfg) == path  # finished: used as it is
+    assert os.path.getmtime(path) == before
+
+
+def test_a_timed_run_cut_short_is_not_resumed_and_the_error_says_what_to_do(tmp_path, steady_clock, monkeypatch):
+    real, calls = T.training_step, []
+
+    def crash_in_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "training_step", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(T.TrainConfig(minutes=0.02, out=str(tmp_path), **TINY), progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2  # checkpoint_every=2
+    monkeypatch.setattr(T, "training_step", real)
+    message = "written part-way through a --minutes run.*cannot be resumed.*--steps"
+    with pytest.raises(ValueError, match=message):
+        T.train(T.TrainConfig(minutes=0.02, out=str(tmp_path), resume=True, **TINY), progress=False)
+    with pytest.raises(ValueError, match=message):
+        T.checkpoint_or_train(str(tmp_path / "checkpoint.pt"), T.TrainConfig(minutes=0.02, **TINY))
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["batches", "packing"])
+def test_resume_with_another_number_of_workers_gives_identical_weights(tmp_path, packing):
+    one = T.train(T.TrainConfig(steps=6, out=str(tmp_path / "one"), packing=packing, **TINY), progress=False)
+    T.train(T.TrainConfig(steps=6, out=str(tmp_path / "two"), stop_after=4, workers=2, packing=packing, **TINY),
+            progress=False)
+    two = T.train(T.TrainConfig(steps=6, out=str(tmp_path / "two"), resume=True, workers=1, packing=packing, **TINY),
+                  progress=False)
+    a, b = weights(one.model), weights(two.model)
+    assert two.steps == 6 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path):
+    T.train(T.TrainConfig(steps=2, out=str(tmp_path), **TINY), progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["world"] == 1
+    torch.save({**saved, "world": 2}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1.*--nproc_per_node 2"):
+        T.train(T.TrainConfig(steps=4, out=str(tmp_path), resume=True, **TINY), progress=False)
+
+
+def test_unreadable_checkpoints_say_why(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*absent.pt"):
+        T.load_checkpoint(str(tmp_path / "absent.pt"))
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.pt.*not a PyTorch file, or it is truncated or corrupt"):
+        T.load_checkpoint(str(tmp_path / "notes.pt"))
+    torch.save({"step": 1, "share": fractions.Fraction(1, 3)}, tmp_path / "objects.pt")
+    with pytest.raises(ValueError, match=r"objects.pt.*refused by torch.load\(weights_only=True\): it holds Python objects"):
+        T.load_checkpoint(str(tmp_path / "objects.pt"))
+    torch.save({"config": {}, "student": {}}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="partial.pt.*not a checkpoint of train.py .it lacks teacher, predictor"):
+        T.model_from_checkpoint(str(tmp_path / "partial.pt"))
+    # the weights alone (export_weights) are a model, not a run that can go on
+    T.train(T.TrainConfig(steps=2, out=str(tmp_path / "run"), **TINY), progress=False)
+    T.export_weights(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "weights" / "checkpoint.pt"))
+    with pytest.raises(ValueError, match="cannot resume from .*it lacks optimizer, epoch, in_epoch, rng .*export_weights"):
+        T.train(T.TrainConfig(steps=4, out=str(tmp_path / "weights"), resume=True, **TINY), progress=False)
+
+
+def test_initial_model_is_where_training_starts_and_leaves_the_random_state_alone(monkeypatch):
+    cfg = T.TrainConfig(steps=1, seed=3, **TINY)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    model = T.initial_model(cfg)
+    assert torch.equal(torch.get_rng_state(), state)
+    started = {}
+
+    def first_step(model, *args, **kwargs):
+        started.update({k: v.clone() for k, v in weights(model).items()})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "training_step", first_step)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, progress=False)
+    built = weights(model)
+    assert set(built) == set(started) and all(torch.equal(built[k], started[k]) for k in built)
 
 
 def test_log_rows_hold_the_health_signals(tmp_path):
@@ -152,6 +256,7 @@ def test_training_lowers_the_loss():
     (["--resume", "--out", "/nonexistent/run"], "--resume: no checkpoint at /nonexistent/run/checkpoint.pt"),
     (["--dataset", "/no/such/folder"], "not a known dataset"),
     (["--steps", "5", "--minutes", "2"], "exactly one of --steps, --epochs, --minutes"),
+    (["--minutes", "2", "--stop-after", "5"], "--stop-after needs --steps or --epochs: a --minutes run cannot be resumed"),
     (["--predictor-depth", "0"], "predictor_depth=0: must be at least 1"),
     (["--predictor-dim", "90"], "predictor_dim=90: must be a positive multiple of 4"),
     (["--num-targets", "0"], "--num-targets must be at least 1, got 0"),
@@ -168,6 +273,30 @@ def test_bad_flags_name_the_flag(argv, message, capsys):
 def test_the_demo_recipe_is_a_fixed_number_of_steps():
     assert (T.parse_args([]).steps, T.parse_args([]).minutes) == (T.DEMO_STEPS, None)  # same schedules on any machine
     assert (T.parse_args(["--minutes", "3"]).steps, T.parse_args(["--epochs", "2"]).steps) == (None, None)
+
+
+def test_every_config_field_is_a_flag_and_no_flags_give_the_demo_recipe(tmp_path):
+    assert set(vars(T.build_parser().parse_args([]))) == {f.name for f in dataclasses.fields(T.TrainConfig)}
+    assert T.parse_args([]) == T.TrainConfig(steps=T.DEMO_STEPS, out="checkpoints/demo")
+    everything = T.parse_args([
+        "--dataset", "cifar10", "--num-images", "100", "--resolution", "96", "--model", "tiny",
+        "--predictor-dim", "96", "--predictor-depth", "2", "--patch-size", "16", "--masking", "multiblock",
+        "--num-targets", "2", "--packing", "--feature-norm", "batchnorm", "--loss", "mse", "--condition-encoders",
+        "--shift", "3", "--flip", "--steps", "7", "--batch-size", "32", "--lr", "0.001", "--warmup", "0.2",
+        "--weight-decay", "0.1", "0.3", "--ema", "0.99", "1", "--grad-clip", "1.5", "--seed", "4", "--out", "x",
+        "--checkpoint-every", "9", "--log-every", "3", "--stop-after", "5", "--compile", "--device", "cpu",
+        "--workers", "2"])
+    assert everything == T.TrainConfig(
+        dataset="cifar10", num_images=100, resolution=96, model="tiny", predictor_dim=96, predictor_depth=2,
+        patch_size=16, masking="multiblock", num_targets=2, packing=True, feature_norm="batchnorm", loss="mse",
+        condition_encoders=True, shift=3, flip=True, steps=7, batch_size=32, lr=0.001, warmup=0.2,
+        weight_decay=(0.1, 0.3), ema=(0.99, 1.0), grad_clip=1.5, seed=4, out="x", checkpoint_every=9, log_every=3,
+        stop_after=5, compile=True, device="cpu", workers=2)
+    assert type(everything.predictor_dim) is int and type(everything.lr) is float and type(everything.ema[1]) is float
+    (tmp_path / "checkpoint.pt").touch()
+    assert T.parse_args(["--resume", "--out", str(tmp_path)]).resume
+    assert (T.parse_args(["--epochs", "2.5"]).epochs, T.parse_args(["--minutes", "3"]).minutes) == (2.5, 3.0)
+    assert not T.parse_args(["--no-packing"]).packing
 
 
 def test_num_targets_reaches_the_sampler():
@@ -195,19 +324,23 @@ def _ddp_worker(rank, port, out, run, clock_speed):
                os.path.join(out, f"rank{rank}.pt"))
 
 
-def run_two_ranks(tmp_path, run, clock_speed=1.0, timeout=300):
-    """Train on two gloo ranks; fail (not hang) if one rank ends up waiting for the other."""
+def start_two_ranks(worker, args, timeout):
+    """Run worker(rank, port, *args) on two gloo ranks; fail (not hang) if one ends up waiting for the other."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(port, str(tmp_path), run, clock_speed), nprocs=2,
-                                                join=False, start_method="spawn")
+    ctx = torch.multiprocessing.start_processes(worker, args=(port, *args), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"the two ranks did not finish in {timeout} s: one waits for the other")
+
+
+def run_two_ranks(tmp_path, run, clock_speed=1.0, timeout=300):
+    """Train on two gloo ranks; fail (not hang) if one rank ends up waiting for the other."""
+    start_two_ranks(_ddp_worker, (str(tmp_path), run, clock_speed), timeout)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
@@ -222,7 +355,36 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert_ranks_agree(*run_two_ranks(tmp_path, {"steps": 3}))
 
 
-DDP_PACKED = {"epochs": 1.0, "packing": True, "num_images": 64, "resolution": 64, "seed": 1}
+def _ddp_nan_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    real, calls = T.training_step, []
+
+    def step(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:  # rank 1 alone diverges, at step 1
+            result.loss = torch.tensor(float("nan"))
+        return result
+
+    T.training_step = step
+    try:
+        T.train(T.TrainConfig(steps=4, device="cpu", **TINY), progress=False)
+        outcome = "finished"
+    except FloatingPointError as e:
+        outcome = str(e)
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+def test_two_process_ddp_a_nan_on_one_rank_stops_both(tmp_path):
+    # Every rank checks the loss averaged over the ranks: both stop at the same step, neither waits.
+    start_two_ranks(_ddp_nan_worker, (str(tmp_path),), timeout=120)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith("loss is nan at step 1")
+
+
+DDP_PACKED = {"epochs": 1.0, "packing": True, "num_images": 64, "resolution": 64, "seed": 4}
 
 
 def test_two_process_ddp_packed_epochs_follow_rank_0():
@@ -265,17 +427,10 @@ def test_unreadable_dataset_folder_is_one_line_without_traceback(tmp_path, make,
     assert len(errors) == 1 and errors[0].startswith("train.py: error:"), run.stderr
 
 
-def test_minutes_sizes_the_schedules_from_timed_steps(monkeypatch):
-    # A clock that advances 10 ms each time it is read makes every step take the same time, so
-    # the test does not depend on the machine's load. The schedules are sized from the measured
-    # steps (the warm-up ramps from the second step on, instead of crawling towards a 10**9-step
-    # run), they run to their end (the last learning rate is near zero), and the deadline is kept.
-    now = [0.0]
-
-    def clock():
-        now[0] += 0.01
-        return now[0]
-    monkeypatch.setattr(T.time, "perf_counter", clock)
+def test_minutes_sizes_the_schedules_from_timed_steps(steady_clock):
+    # The schedules are sized from the measured steps (the warm-up ramps from the second step on,
+    # instead of crawling towards a 10**9-step run), they run to their end (the last learning rate
+    # is near zero), and the deadline is kept.
     result = T.train(T.TrainConfig(minutes=0.05, **TINY), progress=False)
     lrs = [row["lr"] for row in result.log]
     assert result.steps >= 10 and result.total_steps == result.steps
