@@ -28,10 +28,10 @@ import torch.distributed as dist
 from tqdm import tqdm  # the plain-text bar: it reads the same in a terminal, a notebook and a saved notebook
 
 import data
-import ec_ijepa
-import evaluate as E
 import models as M
 import packing as P
+from evaluation.rankme import image_rankme, rankme
+from studies import ec_ijepa
 
 
 DEMO_STEPS = 1200  # the demo recipe's length when no --steps, --epochs or --minutes is given (12.8 epochs)
@@ -100,7 +100,7 @@ class TrainConfig:
 
 
 def build_model(cfg: TrainConfig) -> M.IJEPA:
-    """The model a config trains: I-JEPA, or its encoder-conditioned variant (ec_ijepa.py)."""
+    """The model a config trains: I-JEPA, or its encoder-conditioned variant (studies/ec_ijepa.py)."""
     return (ec_ijepa.ConditionedIJEPA if cfg.condition_encoders else M.IJEPA)(cfg.jepa_config())
 
 
@@ -583,8 +583,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if want_log and rank == 0:
             out = result.output
             row = {"step": step, "loss": loss, **sched, "grad_norms": result.grad_norms,
-                   "rankme": E.image_rankme(model.teacher, rankme_images),
-                   "target_token_rankme": E.rankme(out.teacher_features[out.is_target].detach().float()),
+                   "rankme": image_rankme(model.teacher, rankme_images),
+                   "target_token_rankme": rankme(out.teacher_features[out.is_target].detach().float()),
                    "padding": 1 - P.occupancy(batch),
                    "images_per_s": images / dt, "images": images, "seconds": time.perf_counter() - start}
             log.append(row)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import data as D
-import ec_ijepa
+from studies import ec_ijepa
 import models as M
 import packing as P
 

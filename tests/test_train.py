@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import data
-import evaluate as E
+import evaluation.rankme as RM
 import models as M
 import train as T
 
@@ -171,7 +171,7 @@ def test_log_rows_hold_the_health_signals(tmp_path):
     # (all 48 here), computed directly from the final teacher for the last row
     images = data.normalize(data.SceneDataset(48, resolution=32, split="train", seed=0).tensors()[0])
     with torch.no_grad():
-        direct = E.rankme(result.model.teacher.eval().encode(images).mean(1))
+        direct = RM.rankme(result.model.teacher.eval().encode(images).mean(1))
     assert rows[-1]["step"] == 3 and rows[-1]["rankme"] == pytest.approx(direct, rel=1e-4)
     assert 1.0 <= direct <= 48
 
