@@ -777,6 +777,17 @@ def nyu_depth(split="train", resolution=64, root="data"):
 DATASETS = ("scenes", "stl10", "cifar10", "nyu")
 
 
+CLASSIFICATION_DATASETS = ("scenes", "stl10", "cifar10")  # by name; any folder of class sub-folders too
+
+
+def check_dataset(name):
+    """The one check of a --dataset argument, made before anything is loaded: a built-in or named
+    classification dataset, or an existing folder. Raises a ValueError that says what to give."""
+    if name not in CLASSIFICATION_DATASETS and not os.path.isdir(name):
+        raise ValueError(f"--dataset {name!r}: not a known dataset ({', '.join(CLASSIFICATION_DATASETS)}) nor an "
+                         f"existing folder; give a folder of images (one sub-folder per class) or one of those names")
+
+
 def get_dataset(name, split="train", resolution=64, root="data", num_images=None, seed=0):
     """Any dataset by name: 'scenes' (built in, the default), 'stl10', 'cifar10', 'nyu', or a path to a
     folder of images (if it has a sub-folder named like the split, that one is used). num_images takes a

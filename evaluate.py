@@ -262,30 +262,29 @@ def main(argv=None) -> int:
     d.add_argument("--test", type=int, default=500)
     d.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    try:
-        if args.checkpoint is None:
-            args.checkpoint = T.default_checkpoint()
-        if not os.path.isfile(args.checkpoint):
-            raise FileNotFoundError(f"no checkpoint at {args.checkpoint!r}: train one with python train.py, or give its path")
+
+    def work():
         if args.command == "probe":
-            results = run_probe(args.checkpoint, args.dataset, args.train, args.test, args.labels,
+            data.check_dataset(args.dataset)  # before a default checkpoint is trained or anything is read
+        checkpoint = T.checkpoint_to_use(args.checkpoint)
+        if args.command == "probe":
+            results = run_probe(checkpoint, args.dataset, args.train, args.test, args.labels,
                                 args.cache or None, not args.no_pixels, pool_grid=args.pool_grid)
             print_probe_table(results)
             out = {label: {k: ({m: v for m, v in r.items() if m != "predictions"} if isinstance(r, dict) else r)
                            for k, r in row.items()} for label, row in results.items()}
         else:
-            out = run_depth(args.checkpoint, args.dataset, args.train, args.test)
+            out = run_depth(checkpoint, args.dataset, args.train, args.test)
             print_depth_table(out)
             out = {k: ({m: v for m, v in r.items() if m != "prediction"} if isinstance(r, dict) else r)
                    for k, r in out.items() if k != "test"}
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
-        print(f"\nwritten: {args.json}")
-    return 0
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+            print(f"\nwritten: {args.json}")
+        return 0
+
+    return T.run_command("evaluate.py", work)
 
 
 if __name__ == "__main__":

@@ -167,18 +167,23 @@ def make_optimizer(model: M.IJEPA, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay[0])
 
 
+def cosine(progress: float, start: float, end: float) -> float:
+    """Half a cosine from `start` (progress 0) to `end` (progress 1 and beyond): flat at both ends,
+    fastest in the middle. Every cosine schedule of the project is this one."""
+    progress = min(1.0, max(0.0, progress))
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, final: float = 1e-6) -> float:
     """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to `final`."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))
+    return cosine((step - warmup) / max(1, total - warmup), peak, final)
 
 
 def weight_decay_at(step: int, total: int, start: float = 0.04, end: float = 0.4) -> float:
     """Cosine from `start` to `end` over the run (the official schedule grows it)."""
-    progress = min(1.0, step / max(1, total))
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+    return cosine(step / max(1, total), start, end)
 
 
 def ema_momentum_at(step: int, total: int, start: float = 0.998, end: float = 1.0) -> float:
@@ -279,14 +284,19 @@ def _plain(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
+def checkpoint_config(ckpt: dict) -> TrainConfig:
+    """The TrainConfig stored in a loaded checkpoint (fields newer than the file take their defaults)."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
+
+
 def model_from_checkpoint(path: str, device="cpu") -> tuple:
     """(IJEPA with the checkpoint's weights, its TrainConfig) — for notebooks and scripts."""
     ckpt = load_checkpoint(path)
     missing = missing_keys(ckpt, ("config", "student", "teacher", "predictor"))
     if missing:
         raise ValueError(f"{path!r} is not a checkpoint of train.py (it lacks {', '.join(missing)})")
-    known = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
+    cfg = checkpoint_config(ckpt)
     model = build_model(cfg)
     try:
         for part in ("student", "teacher", "predictor"):
@@ -629,29 +639,49 @@ def parse_args(argv=None) -> TrainConfig:
     a = ap.parse_args(argv)
     if a.steps is None and a.epochs is None and a.minutes is None:
         a.steps = DEMO_STEPS  # the demo recipe
-    if a.dataset not in ("scenes", "stl10", "cifar10") and not os.path.isdir(a.dataset):
-        ap.error(f"--dataset {a.dataset!r}: not a known dataset (scenes, stl10, cifar10) nor an existing folder")
     cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
     try:
+        data.check_dataset(cfg.dataset)
         check_config(cfg)
     except ValueError as e:
         ap.error(str(e))
     return cfg
 
 
+def checkpoint_to_use(path: str | None) -> str:
+    """The checkpoint a command line works on: `path`, which must exist, or when None the default
+    (`default_checkpoint`: the reference model, else the demo's, trained first if missing)."""
+    if path is None:
+        return default_checkpoint()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}: train one with python train.py, or give its path")
+    return path
+
+
+def run_command(program: str, work) -> int:
+    """Run a command line's `work()` (which returns its exit code): a mistake a user can make (bad
+    input, a missing or unusable file, a diverging loss) prints one line, `PROGRAM: error: ...`,
+    without a traceback, and returns 1. The three command lines of the project share it."""
+    try:
+        return work()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"{program}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 1
+
+
 def main(argv=None) -> int:
     """The command line: errors a user can cause (bad flags, a dataset that cannot be read, a
     checkpoint that does not fit, a diverging loss) print one line, without a traceback."""
     cfg = parse_args(argv)
-    try:
+
+    def work():
         result = train(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
-    if result.losses:
-        print(f"trained to step {result.steps} of {result.total_steps} in {result.seconds / 60:.1f} min; "
-              f"last loss {result.losses[-1]:.4f}")
-    return 0
+        if result.losses:
+            print(f"trained to step {result.steps} of {result.total_steps} in {result.seconds / 60:.1f} min; "
+                  f"last loss {result.losses[-1]:.4f}")
+        return 0
+
+    return run_command("train.py", work)
 
 
 if __name__ == "__main__":

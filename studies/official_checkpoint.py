@@ -9,10 +9,10 @@ predictor keys carry a "predictor_" prefix.
     load_official_checkpoint("IN1K-vit.h.14-300e.pth.tar", encoder)   # the target encoder
 """
 
-import torch
 import torch.nn as nn
 
 import models as M
+import train as T
 
 
 def _official_encoder_to_ours(sd: dict) -> dict:
@@ -49,14 +49,7 @@ def load_official_checkpoint(source, encoder: M.VisionTransformer, predictor: M.
     """Load a released official I-JEPA checkpoint (a path or its loaded dict) into `encoder`
     (from `target_encoder`, the EMA teacher that is kept after pre-training) and, when given and
     present, into `predictor`. Returns the names of what was loaded."""
-    if isinstance(source, dict):
-        ckpt = source
-    else:
-        try:
-            ckpt = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or not a torch file
-            raise ValueError(f"cannot read checkpoint file {source!r} ({type(e).__name__}: {e}); "
-                             f"it is truncated or not a PyTorch checkpoint: download it again") from e
+    ckpt = source if isinstance(source, dict) else T.load_checkpoint(source)  # weights_only, errors that say why
     if not isinstance(ckpt, dict) or "target_encoder" not in ckpt:
         keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"unknown checkpoint layout: expected the official top-level keys "

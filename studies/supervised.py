@@ -3,12 +3,12 @@ labels for a few minutes."""
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
 import models as M
+import train as T
 
 
 def supervised_ceiling(train_x, train_y, test_x, test_y, classes, minutes, patch, seed=0, batch=128, lr=1e-3):
@@ -25,7 +25,7 @@ def supervised_ceiling(train_x, train_y, test_x, test_y, classes, minutes, patch
     budget = minutes * 60
     while (elapsed := time.perf_counter() - start) < budget:
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * elapsed / budget))
+            group["lr"] = T.cosine(elapsed / budget, lr, 0.0)
         idx = torch.randint(len(train_x), (batch,), generator=g)
         logits = head(encoder.encode(data.normalize(train_x[idx])).mean(1))
         loss = F.cross_entropy(logits, train_y[idx])

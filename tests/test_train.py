@@ -460,3 +460,24 @@ def test_param_groups_exclude_1d_and_mask_token_from_weight_decay():
     assert not teacher_ids & (decay_ids | no_ids)
     trainable = {id(p) for p in model.student.parameters()} | {id(p) for p in model.predictor.parameters()}
     assert decay_ids | no_ids == trainable
+
+
+def test_every_cosine_schedule_is_one_half_cosine():
+    assert T.cosine(0.0, 2.0, 0.5) == 2.0 and T.cosine(1.0, 2.0, 0.5) == pytest.approx(0.5)
+    assert T.cosine(0.5, 2.0, 0.5) == pytest.approx(1.25)  # half-way between, at the middle
+    assert T.cosine(-1.0, 2.0, 0.5) == 2.0 and T.cosine(3.0, 2.0, 0.5) == pytest.approx(0.5)  # clamped
+    warmup, total, peak = 10, 110, 1e-3
+    assert T.lr_at(warmup, total, peak, warmup) == pytest.approx(peak)  # the decay starts at the peak
+    assert T.lr_at(60, total, peak, warmup) == pytest.approx(T.cosine(0.5, peak, 1e-6))
+    assert T.weight_decay_at(25, 100, 0.04, 0.4) == pytest.approx(T.cosine(0.25, 0.04, 0.4))
+
+
+def test_command_line_errors_are_one_line(capsys):
+    def fails():
+        raise ValueError("first line\nsecond line")
+
+    assert T.run_command("prog.py", fails) == 1
+    assert capsys.readouterr().err == "prog.py: error: first line second line\n"
+    assert T.run_command("prog.py", lambda: 0) == 0
+    with pytest.raises(KeyError):  # a bug is not a user's mistake: it keeps its traceback
+        T.run_command("prog.py", lambda: {}["missing"])
