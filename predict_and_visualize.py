@@ -540,6 +540,7 @@ class Evaluated:
     gallery: Patches  # the images searched (a prediction skips its own)
     train: Patches  # the training images: the baseline's means and the decoder's data
     decoder: PixelDecoder
+    decoder_losses: list  # its training loss (pixel MSE) at every step
     measured: Measured
     decoded_truth: torch.Tensor  # (Q, C*p*p) the decoder on the true teacher features at the targets: its best case
 
@@ -552,21 +553,41 @@ def predict_and_measure(net: M.IJEPA, held_out: torch.Tensor, regions, train_ima
     pool = teacher_patches(net, held_out, regions, progress=progress)
     train = teacher_patches(net, train_images, progress=progress)
     predicted = mask_and_predict(net, held_out[:num_images], masking, seed, progress=progress)
-    decoder, _ = train_pixel_decoder(train.features.flatten(0, 1), train.pixels.flatten(0, 1), steps=decoder_steps,
-                                     seed=seed, progress=progress)
+    decoder, losses = train_pixel_decoder(train.features.flatten(0, 1), train.pixels.flatten(0, 1),
+                                          steps=decoder_steps, seed=seed, progress=progress)
     queries, gallery = pool.first(num_images), pool.first(gallery_size)
     measured = prediction_metrics(predicted, queries, gallery, decoder, progress=progress)
     with torch.no_grad():
         truth = decoder(queries.features[predicted.image, predicted.index]).clamp(0, 1)
-    return Evaluated(predicted, queries, gallery, train, decoder, measured, truth)
+    return Evaluated(predicted, queries, gallery, train, decoder, losses, measured, truth)
+
+
+def position_only(trained: Evaluated) -> Evaluated:
+    """The position-only baseline (section 4) as an Evaluated: its predictions at the trained model's
+    targets, scored in the trained teacher's feature space with the trained model's decoder; every
+    other field is the trained model's."""
+    predicted = position_only_prediction(trained.train, trained.predicted)
+    return dataclasses.replace(trained, predicted=predicted,
+                               measured=prediction_metrics(predicted, trained.queries, trained.gallery, trained.decoder))
+
+
+@dataclass
+class Result:
+    """What `run` computed: the summary it prints and writes, and the objects behind it, for a
+    notebook to show and explain (Predictor_Visualisation.ipynb)."""
+
+    summary: dict  # the numbers, JSON-ready once json_ready has replaced NaN: what main prints and writes
+    evaluated: dict  # MODELS -> Evaluated ("position_only": see position_only)
+    models: dict  # "trained", "random_init" -> the IJEPA that was scored
+    cfg: T.TrainConfig  # the checkpoint's configuration (its masking is the one used)
 
 
 def run(checkpoint: str, dataset: str = "scenes", num_images: int = NUM_IMAGES, gallery_size: int = GALLERY_SIZE,
         train_images: int = TRAIN_IMAGES, decoder_steps: int = DECODER_STEPS, seed: int = 0, resolution=None,
-        out="images", figure_rows: int = FIGURE_ROWS, progress: bool = True) -> dict:
+        out="images", figure_rows: int = FIGURE_ROWS, progress: bool = True) -> Result:
     """Everything the command line does: the numbers of the trained model, its random init and the
     position-only baseline on held-out images, and the three figures (into `out`; None or "" for
-    none). Returns the JSON-ready summary."""
+    none). Returns the summary (what main prints and writes as JSON) with the objects it came from."""
     start = time.perf_counter()
     check_sizes(num_images, gallery_size, train_images, decoder_steps)
     model, cfg = T.model_from_checkpoint(checkpoint)
@@ -584,16 +605,15 @@ def run(checkpoint: str, dataset: str = "scenes", num_images: int = NUM_IMAGES, 
     if len(train_x) < 1:
         raise ValueError(f"{dataset!r} has no training images: the baseline and the decoder need some")
     masking = cfg.make_masking()  # the masking the model was trained with
-    evaluated = {}
-    for name, net in (("trained", model), ("random_init", T.initial_model(cfg))):
+    evaluated, models = {}, {"trained": model, "random_init": T.initial_model(cfg)}
+    for name, net in models.items():
         if progress:
             print(f"{name.replace('_', ' ')}: teacher features, predictions, pixel decoder, retrieval")
         evaluated[name] = predict_and_measure(net, held_out, regions, train_x, masking, num_images, gallery_size,
                                               decoder_steps, seed, progress)
     t = evaluated["trained"]  # the baseline lives in the trained teacher's feature space, with its decoder
-    measured = {"trained": t.measured, "random_init": evaluated["random_init"].measured,
-                "position_only": prediction_metrics(position_only_prediction(t.train, t.predicted), t.queries,
-                                                    t.gallery, t.decoder)}
+    evaluated["position_only"] = position_only(t)
+    measured = {name: evaluated[name].measured for name in MODELS}
     figures = []
     if out:
         figures = [os.path.join(out, name) for name in
@@ -602,18 +622,20 @@ def run(checkpoint: str, dataset: str = "scenes", num_images: int = NUM_IMAGES, 
         draw_decoded(t.queries, t.predicted, t.measured.decoded, t.decoded_truth, figures[1], figure_rows)
         draw_pca(t.queries, t.predicted, t.train.features.flatten(0, 1), figures[2], figure_rows)
     decoder_best = {}
-    for name, e in evaluated.items():
+    for name in models:
+        e = evaluated[name]
         error = ((e.decoded_truth - e.queries.pixels[e.predicted.image, e.predicted.index]) ** 2).mean(1)
         decoder_best[name] = mean_and_se(per_image_mean(error, e.predicted.image, num_images))
-    return {"checkpoint": checkpoint, "dataset": dataset, "resolution": resolution, "seed": seed,
-            "num_images": num_images, "gallery_images": gallery_size, "train_images": len(train_x),
-            "targets": len(t.predicted.features), "masking": cfg.masking,
-            "decoder": {"hidden": DECODER_HIDDEN, "steps": decoder_steps},
-            "metrics": {name: summarise(measured[name]) for name in MODELS},
-            "trained_minus": {other: paired_difference(measured["trained"], measured[other])
-                              for other in ("random_init", "position_only")},
-            "decoder_on_teacher_features": decoder_best, "notes": notes, "figures": figures,
-            "seconds": time.perf_counter() - start}
+    summary = {"checkpoint": checkpoint, "dataset": dataset, "resolution": resolution, "seed": seed,
+               "num_images": num_images, "gallery_images": gallery_size, "train_images": len(train_x),
+               "targets": len(t.predicted.features), "masking": cfg.masking,
+               "decoder": {"hidden": DECODER_HIDDEN, "steps": decoder_steps},
+               "metrics": {name: summarise(measured[name]) for name in MODELS},
+               "trained_minus": {other: paired_difference(measured["trained"], measured[other])
+                                 for other in ("random_init", "position_only")},
+               "decoder_on_teacher_features": decoder_best, "notes": notes, "figures": figures,
+               "seconds": time.perf_counter() - start}
+    return Result(summary, evaluated, models, cfg)
 
 
 METRIC_NAMES = {"top1": "retrieval top-1 (own image in gallery)", f"top{TOP_K}": f"retrieval top-{TOP_K} (own image in gallery)",
@@ -694,7 +716,7 @@ def main(argv=None) -> int:
             raise ValueError(f"no checkpoint at {args.checkpoint!r}: train one with python train.py, or give its path")
         checkpoint = args.checkpoint or T.default_checkpoint()
         result = run(checkpoint, args.dataset, args.num_images, args.gallery_size, args.train_images,
-                     args.decoder_steps, args.seed, args.resolution, args.out)
+                     args.decoder_steps, args.seed, args.resolution, args.out).summary
     except (ValueError, FileNotFoundError) as e:
         print(f"predict_and_visualize.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1

@@ -1,8 +1,10 @@
 """predict_and_visualize.py: retrieval, the baseline and the decoder on problems with known answers;
 the teacher features are the loss's targets; masks are the training masking's; the command line's
-errors are one line; a small end-to-end run writes its figures and numbers."""
+errors are one line; a small end-to-end run writes its figures and numbers, and `run` returns the
+objects behind them, the same numbers for the notebook as for the command line."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -181,11 +183,7 @@ def test_initial_model_is_the_runs_starting_point(tiny_checkpoint):
 # the command line
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    T.train(T.TrainConfig(steps=3, num_images=48, resolution=32, batch_size=16, out=str(out)), progress=False)
-    return str(out / "checkpoint.pt")
+# tiny_checkpoint: tests/conftest.py (one 3-step micro run per session, shared with other files)
 
 
 SMALL = ["--num-images", "6", "--gallery-size", "6", "--train-images", "16", "--decoder-steps", "20"]
@@ -206,6 +204,33 @@ def test_main_writes_the_figures_and_the_promised_json(tiny_checkpoint, tmp_path
     assert set(result["trained_minus"]) == {"random_init", "position_only"}
     assert result["num_images"] == 6 and result["gallery_images"] == 6 and result["targets"] > 6
     assert "retrieval top-1" in capsys.readouterr().out
+
+
+def test_run_gives_the_notebook_the_numbers_of_the_command_line_and_the_objects_behind_them(tiny_checkpoint, tmp_path):
+    script = tmp_path / "result.json"
+    assert PV.main(["--checkpoint", tiny_checkpoint, *SMALL, "--out", "", "--json", str(script)]) == 0
+    torch.manual_seed(123)  # a notebook's earlier cells may have drawn from the global random state
+    torch.rand(7)
+    result = PV.run(tiny_checkpoint, num_images=6, gallery_size=6, train_images=16, decoder_steps=20,
+                    out=tmp_path / "figures", progress=False)  # the notebook's call (a Path, as its FIGURES)
+    script, notebook = json.loads(script.read_text()), PV.json_ready(result.summary)
+    for key in ("metrics", "trained_minus", "decoder_on_teacher_features", "targets", "decoder"):
+        assert notebook[key] == script[key], key  # exactly: the same seed, the same numbers
+    assert result.summary["figures"] == [str(tmp_path / "figures" / name) for name in
+                                         ("ijepa_predictions.png", "ijepa_predictions_decoded.png", "ijepa_predictions_pca.png")]
+    assert all(os.path.getsize(path) > 0 for path in result.summary["figures"])
+    # the objects: each model's Evaluated is where its summary comes from
+    assert set(result.evaluated) == set(PV.MODELS) and set(result.models) == {"trained", "random_init"}
+    for name in PV.MODELS:
+        assert PV.summarise(result.evaluated[name].measured) == result.summary["metrics"][name]
+        assert torch.equal(result.evaluated[name].predicted.index, result.evaluated["trained"].predicted.index)
+    trained, baseline = result.evaluated["trained"], result.evaluated["position_only"]
+    assert len(trained.decoder_losses) == 20 and baseline.decoder is trained.decoder
+    assert torch.allclose(baseline.predicted.features,
+                          PV.position_mean_features(trained.train.features, trained.predicted.index))
+    start = T.initial_model(result.cfg)
+    for a, b in zip(start.state_dict().values(), result.models["random_init"].state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_main_on_a_folder_says_that_regions_are_not_measured(tiny_checkpoint, tmp_path, capsys):
