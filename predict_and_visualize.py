@@ -282,7 +282,7 @@ def train_pixel_decoder(features: torch.Tensor, pixels: torch.Tensor, hidden: in
     losses = []
     for step in tqdm(range(steps), desc="pixel decoder", disable=not progress, mininterval=5):
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = T.cosine(step / steps, lr, 0.0)
         idx = torch.randint(len(features), (batch_size,), generator=g)
         loss = F.mse_loss(decoder(features[idx]), pixels[idx])
         opt.zero_grad(set_to_none=True)
@@ -707,27 +707,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="images", help="folder for the figures (default: images/)")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args(argv)
-    try:
+
+    def work():
         check_sizes(args.num_images, args.gallery_size, args.train_images, args.decoder_steps)
-        if args.dataset not in ("scenes", "stl10", "cifar10") and not os.path.isdir(args.dataset):
-            raise ValueError(f"--dataset {args.dataset!r}: no such folder; give a folder of images (one sub-folder per "
-                             f"class), or scenes, stl10 or cifar10")
-        if args.checkpoint and not os.path.isfile(args.checkpoint):
-            raise ValueError(f"no checkpoint at {args.checkpoint!r}: train one with python train.py, or give its path")
-        checkpoint = args.checkpoint or T.default_checkpoint()
+        data.check_dataset(args.dataset)
+        checkpoint = T.checkpoint_to_use(args.checkpoint)
         result = run(checkpoint, args.dataset, args.num_images, args.gallery_size, args.train_images,
                      args.decoder_steps, args.seed, args.resolution, args.out).summary
-    except (ValueError, FileNotFoundError) as e:
-        print(f"predict_and_visualize.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 1
-    print_summary(result)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(json_ready(result), f, indent=1, allow_nan=False)
-        print(f"written: {args.json}")
-    print(f"{result['seconds']:.0f} s")
-    return 0
+        print_summary(result)
+        if args.json:
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(json_ready(result), f, indent=1, allow_nan=False)
+            print(f"written: {args.json}")
+        print(f"{result['seconds']:.0f} s")
+        return 0
+
+    return T.run_command("predict_and_visualize.py", work)
 
 
 if __name__ == "__main__":

@@ -257,7 +257,7 @@ def test_bad_inputs_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
 
     (tmp_path / "empty").mkdir()
     assert "no images" in error(["--checkpoint", tiny_checkpoint, "--dataset", str(tmp_path / "empty")])
-    assert "no such folder" in error(["--checkpoint", tiny_checkpoint, "--dataset", str(tmp_path / "missing")])
+    assert "not a known dataset" in error(["--checkpoint", tiny_checkpoint, "--dataset", str(tmp_path / "missing")])
     assert "smaller than one 8x8 patch" in error(["--checkpoint", tiny_checkpoint, "--resolution", "4"])
     assert "multiples of the patch size 8" in error(["--checkpoint", tiny_checkpoint, "--resolution", "36"])
     assert "--gallery-size 2 or more" in error(["--checkpoint", tiny_checkpoint, "--gallery-size", "0"])
