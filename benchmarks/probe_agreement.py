@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--no-pixels", action="store_true", help="skip raw pixels (scikit-learn takes minutes per label there)")
     ap.add_argument("--encoders", nargs="+", default=None, help="only these (teacher student random_init pixels)")
     ap.add_argument("--per-C", action="store_true", help="validation accuracy, objective and convergence per layer and C")
+    ap.add_argument("--Cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0],
+                    help="the grid of inverse regularisation strengths, for both implementations (default: the probe's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -119,19 +121,21 @@ def main():
             y_tr = got["train_labels"][label].numpy()
             for name, (a, _) in got["features"].items():
                 for layer, x in enumerate(a, start=1):
-                    for r in per_C(x, y_tr, seed=seed):
+                    for r in per_C(x, y_tr, Cs=tuple(args.Cs), seed=seed):
                         print(f"{label:<9}{name:<12}layer {layer}  C {r['C']:<5g} validation: scikit-learn "
                               f"{r['sklearn_val']:.4f} torch {r['torch_val']:.4f}   objective: scikit-learn "
                               f"{r['sklearn_objective']:.6f} torch {r['torch_objective']:.6f}   converged: "
                               f"{r['sklearn_converged']}/{r['torch_converged']}", flush=True)
         return
-    torch_probe = lambda *a, seed: (lambda r: (r.top1, r.val_top1))(LR.linear_probe(*a, seed=seed))  # noqa: E731
+    Cs = tuple(args.Cs)
+    torch_probe = lambda *a, seed: (lambda r: (r.top1, r.val_top1))(LR.linear_probe(*a, Cs=Cs, seed=seed))  # noqa: E731
+    sklearn_grid = lambda *a, seed: sklearn_probe(*a, Cs=Cs, seed=seed)  # noqa: E731
     rows = []
     for label in args.labels:
         y_tr, y_te = got["train_labels"][label].numpy(), got["test_labels"][label].numpy()
         for name, (a, b) in got["features"].items():
             timings = {}
-            for impl, probe in (("sklearn", sklearn_probe), ("torch", torch_probe)):
+            for impl, probe in (("sklearn", sklearn_grid), ("torch", torch_probe)):
                 t0 = time.perf_counter()
                 timings[impl] = (*best_layer(probe, a, y_tr, b, y_te, seed), time.perf_counter() - t0)
             (s_acc, s_layer, s_time), (t_acc, t_layer, t_time) = timings["sklearn"], timings["torch"]

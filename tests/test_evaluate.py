@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import evaluate as E
 import evaluation.depth as DP
 import evaluation.features as EF
@@ -220,12 +221,7 @@ def test_depth_probe_on_features_that_encode_depth_exactly():
 # the command line
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    import train as T
-    out = tmp_path_factory.mktemp("run")
-    T.train(T.TrainConfig(steps=3, num_images=48, resolution=32, batch_size=16, out=str(out)), progress=False)
-    return str(out / "checkpoint.pt")
+# tiny_checkpoint: tests/conftest.py (one 3-step micro run per session, shared with other files)
 
 
 def test_probe_command_on_scenes_writes_the_promised_json(tiny_checkpoint, tmp_path):
@@ -311,12 +307,40 @@ def test_probe_command_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
     assert "pool grid 3: must divide the 4 x 4 patch grid" in capsys.readouterr().err
 
 
-def test_depth_command_beats_nothing_it_should_not(tiny_checkpoint, tmp_path):
+def position_mean_metrics(train_depth, test_depth):
+    """The per-position-mean baseline's AbsRel, RMSE and delta < 1.25, computed here independently in
+    numpy: each test image gets the training images' mean depth at each pixel, fitted to the image's
+    non-sky pixels by a least-squares scale and shift (np.polyfit), then scored on those pixels."""
+    prior = train_depth.astype(np.float64).mean(0)
+    rows = []
+    for true in test_depth.astype(np.float64):
+        valid = true < data.SKY_DEPTH
+        assert valid.any()  # every test scene shows ground
+        scale, shift = np.polyfit(prior[valid], true[valid], 1)
+        pred, true = np.maximum(scale * prior[valid] + shift, 1e-3), true[valid]
+        rows.append((np.mean(np.abs(pred - true) / true), np.sqrt(np.mean((pred - true) ** 2)),
+                     np.mean(np.maximum(pred / true, true / pred) < 1.25)))
+    return dict(zip(("absrel", "rmse", "delta1"), np.mean(rows, axis=0)))
+
+
+def test_depth_command_measures_every_model_and_the_position_mean_baseline(tiny_checkpoint, tmp_path):
     out = tmp_path / "depth.json"
     assert E.main(["depth", "--checkpoint", tiny_checkpoint, "--train", "80", "--test", "20", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    for name in ("teacher", "random_init", "pixels", "position_mean"):
-        assert 0 < result[name]["absrel"] < 1 and 0 < result[name]["delta1"] <= 1
+    assert set(result) == {"n_train", "n_test", "teacher", "random_init", "pixels", "position_mean"}
+    assert (result["n_train"], result["n_test"]) == (80, 20)
+    # the baseline, on the run's scenes (seed 0), against the same numbers computed independently
+    train_depth = data.SceneDataset(80, resolution=32, split="train", seed=0).depths().numpy()
+    test_depth = data.SceneDataset(20, resolution=32, split="test", seed=0).depths().numpy()
+    expected = position_mean_metrics(train_depth, test_depth)
+    for metric in ("absrel", "rmse"):
+        assert result["position_mean"][metric] == pytest.approx(expected[metric], rel=1e-4)
+    assert result["position_mean"]["delta1"] == pytest.approx(expected["delta1"], abs=1e-3)
+    # each probe: a layer of its encoder (micro: 4 blocks and the final norm; pixels: one), an alpha of the grid
+    for name, layers in (("teacher", 5), ("random_init", 5), ("pixels", 1)):
+        r = result[name]
+        assert 1 <= r["layer"] <= layers and r["alpha"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) and r["val_mse"] > 0
+        assert r["absrel"] != result["position_mean"]["absrel"]  # the map adds something to the prior it starts from
 
 
 def test_the_encoders_asked_for_are_the_ones_measured(tiny_checkpoint, tmp_path):
