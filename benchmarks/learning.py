@@ -73,8 +73,8 @@ def main():
 
     scratch = None  # without --out, the new checkpoint goes into a temporary folder
     if args.checkpoint:  # probe a given checkpoint, no training
-        cfg = T.model_from_checkpoint(args.checkpoint)[1]
-        trained = T.load_checkpoint(args.checkpoint)
+        trained = T.load_checkpoint(args.checkpoint)  # read once: its config, step and length
+        cfg = T.checkpoint_config(trained)
         steps, total, seconds, minutes, final_loss = trained["step"], trained["total_steps"], 0.0, 0.0, None
         checkpoint = args.checkpoint
     else:

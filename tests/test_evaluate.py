@@ -353,3 +353,11 @@ def test_the_encoders_asked_for_are_the_ones_measured(tiny_checkpoint, tmp_path)
                  lambda: E.run_depth(tiny_checkpoint, encoders=("teachr",))):
         with pytest.raises(ValueError, match="unknown encoders \\['teachr'\\]: choose from"):
             call()
+
+
+def test_the_probe_command_checks_the_dataset_before_any_checkpoint(tmp_path, capsys):
+    # a missing dataset folder is named, one line, before the (also missing) checkpoint is looked for
+    code = E.main(["probe", "--dataset", str(tmp_path / "no-such-folder"), "--checkpoint", str(tmp_path / "none.pt")])
+    err = capsys.readouterr().err
+    assert code == 1 and "no-such-folder" in err and "not a known dataset" in err and "none.pt" not in err
+    assert err.count("\n") == 1 and err.startswith("evaluate.py: error:")
