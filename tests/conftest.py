@@ -54,11 +54,11 @@ def tiny_checkpoint(tmp_path_factory):
     return str(out / "checkpoint.pt")
 
 
-def assert_picture(path, size, min_colours=8):
-    """The PNG at `path` opens, is `size` = (width, height) pixels, and is not one flat colour: it
-    has at least `min_colours` distinct colours. Returns the pixels (height, width, channels)."""
+def assert_picture(path, size=None, min_colours=8):
+    """The PNG at `path` opens, is `size` = (width, height) pixels (when given), and is not one flat
+    colour: it has at least `min_colours` distinct colours. Returns the pixels (height, width, channels)."""
     pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[:2] == (size[1], size[0]), f"{path}: {pixels.shape[1]} x {pixels.shape[0]} px, expected {size}"
+    assert size is None or pixels.shape[:2] == (size[1], size[0]), f"{path}: {pixels.shape[1]} x {pixels.shape[0]} px, expected {size}"
     colours = np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)
     assert len(colours) >= min_colours, f"{path}: only {len(colours)} distinct colours"
     return pixels
@@ -66,5 +66,5 @@ def assert_picture(path, size, min_colours=8):
 
 @pytest.fixture
 def picture():
-    """assert_picture, for tests: picture(path, (width, height))."""
+    """assert_picture, for tests: picture(path, (width, height)) or picture(path)."""
     return assert_picture
