@@ -2,9 +2,8 @@
 
 `python -m pytest` runs everything (CI does); `python -m pytest -m "not slow"` is the fast loop: the
 unit tests, without training runs, runs of the scripts, DDP and the notebooks. Mark a slow test
-with `@pytest.mark.slow` in its own file; the hook below also marks, without touching those files:
-every notebook (nbval items), every test that uses the trained `tiny_checkpoint`, every test of
-SLOW_FILES and the tests named in SLOW_TESTS (until their owners mark them)."""
+with `@pytest.mark.slow` in its own file; the hook below marks every notebook (nbval items) and
+every test that uses the trained `tiny_checkpoint`."""
 
 import os
 
@@ -18,29 +17,11 @@ import matplotlib.image  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SLOW_FILES = {
-    "test_train.py",  # training runs, resumes and 2-process DDP, nearly every test
-    "test_notebooks.py",  # each test runs a notebook's set-up cell in a fresh interpreter
-}
-SLOW_TESTS = {  # file -> test names (a name without [...] covers every parametrisation)
-    "test_models.py": {
-        *(f"test_encoder_shapes_every_preset[{hw}-{preset}]" for hw in ("hw0", "hw1", "hw2")
-          for preset in ("tiny", "small", "base")),
-        "test_loss_halves_within_100_steps_on_a_fixed_batch", "test_batchnorm_statistics_and_sums_are_over_every_rank",
-    },
-    "test_packing.py": {
-        "test_packed_training_lowers_the_loss_like_unpacked", "test_packed_forward_equals_each_image_alone",
-    },
-    "test_ec_ijepa.py": {"test_training_lowers_the_loss"},
-}
-
-
 def pytest_collection_modifyitems(config, items):
+    """Every notebook and every test that uses the trained `tiny_checkpoint` is slow; other slow
+    tests carry @pytest.mark.slow (or `pytestmark`) in their own file."""
     for item in items:
-        file = item.path.name
-        names = {item.name, getattr(item, "originalname", item.name)}
-        if (item.path.suffix == ".ipynb" or file in SLOW_FILES or names & SLOW_TESTS.get(file, set())
-                or "tiny_checkpoint" in getattr(item, "fixturenames", ())):
+        if item.path.suffix == ".ipynb" or "tiny_checkpoint" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
 
 

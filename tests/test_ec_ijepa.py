@@ -72,6 +72,7 @@ def test_no_leak_between_images_of_a_row():
     torch.testing.assert_close(out1.token_loss[keep], out2.token_loss[keep], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss():
     torch.manual_seed(0)
     model = EC.ConditionedIJEPA(M.JEPAConfig())

@@ -24,7 +24,7 @@ def split(image, masking=None, seed=0, patch=8):
 # shapes
 
 
-@pytest.mark.parametrize("preset", sorted(M.PRESETS))
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=[pytest.mark.slow] if p != "micro" else []) for p in sorted(M.PRESETS)])
 @pytest.mark.parametrize("hw", [(32, 32), (48, 80), (96, 32)])
 def test_encoder_shapes_every_preset(preset, hw):
     cfg = M.JEPAConfig(model=preset, patch_size=16).encoder_config()
@@ -275,6 +275,7 @@ def _two_ranks_worker(rank, port, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_and_sums_are_over_every_rank(tmp_path):
     # Under DistributedDataParallel the batchnorm targets of each rank's half of a batch are those
     # of the whole batch in one process, and a sum over ranks reaches every rank (a NaN included).
@@ -359,6 +360,7 @@ def test_residual_projections_are_rescaled_at_init():
 # learning
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masking", ["multiblock", "window"])
 def test_loss_halves_within_100_steps_on_a_fixed_batch(masking):
     torch.manual_seed(0)

@@ -13,6 +13,8 @@ import pytest
 
 import notebook_setup
 
+pytestmark = pytest.mark.slow  # each test runs a notebook's set-up cell in a fresh interpreter
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PROBE = """

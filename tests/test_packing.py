@@ -71,6 +71,7 @@ def test_random_size_keeps_aspect_caps_area_and_rounds():
     assert [P.random_size(100, 70, cfg, g1) for _ in range(20)] == [P.random_size(100, 70, cfg, g2) for _ in range(20)]
 
 
+@pytest.mark.slow
 def test_packed_forward_equals_each_image_alone():
     torch.manual_seed(0)
     for model_class in (M.IJEPA, ec_ijepa.ConditionedIJEPA):  # conditioning tokens are per image too
@@ -91,6 +92,7 @@ def test_packed_forward_equals_each_image_alone():
                     torch.testing.assert_close(out.prediction[out.is_target][mine], alone.prediction[alone.is_target], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_packed_training_lowers_the_loss_like_unpacked():
     images = [(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)), i) for i in range(24)]
     cfg = P.PackingConfig(side_range=(32, 32), max_area=32 * 32, rows=4, context_len=48, hidden_len=80)

@@ -18,6 +18,8 @@ import evaluation.rankme as RM
 import models as M
 import train as T
 
+pytestmark = pytest.mark.slow  # training runs, resumes and 2-process DDP, nearly every test
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(num_images=48, resolution=32, batch_size=16, checkpoint_every=2, log_every=1, warmup=0.25)
