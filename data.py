@@ -703,13 +703,9 @@ def cifar10(split="train", resolution=64, root="data"):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
-def image_folder(root, resolution=64):
-    """A folder with one sub-folder of images per class (loose images in root form one class of their own).
-    Every image is decoded and resized once, here. Greyscale, palette, CMYK and RGBA become RGB
-    (transparency over white); unreadable files are skipped and listed in one warning; images smaller
-    than the resolution are upscaled and counted in one warning."""
-    from PIL import Image
-    height, width = _check_resolution(resolution)
+def _folder_files(root) -> tuple:
+    """([(image path, class index)], class names) of a folder with one sub-folder per class; loose
+    images in root form one class of their own, named after the folder."""
     if not os.path.isdir(root):
         raise DatasetNotFoundError(f"image folder {root!r} does not exist")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -720,14 +716,61 @@ def image_folder(root, resolution=64):
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root!r} or its sub-folders")
     if any(k == len(classes) for _, k in files):
         classes.append(os.path.basename(os.path.normpath(root)))
+    return files, classes
+
+
+def _read_rgb(path):
+    """A PIL image as RGB: greyscale, palette and CMYK converted, transparency laid over white."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+        return im.convert("RGB")
+
+
+@dataclass(frozen=True)
+class FolderSummary:
+    """What a folder of images shows before anything is trained on it (`describe_folder`)."""
+    path: str  # the folder as given
+    images: int  # image files in the folder (its train/ sub-folder if it has one)
+    side: int  # the median of the images' shorter sides, in pixels, over a sample
+    greyscale: bool  # every sampled image has three equal channels once read as RGB
+
+
+def training_folder(root) -> str:
+    """The folder `get_dataset(root, split="train")` reads: root/train if there is one, else root."""
+    return os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+
+
+def describe_folder(root, sample: int = 200) -> FolderSummary:
+    """Count the training images of a folder and read `sample` of them, evenly spaced over the
+    files (so every class is seen): their median shorter side and whether they are all grey."""
+    files, _ = _folder_files(training_folder(root))
+    sides, grey = [], True
+    for path, _ in files[::max(1, len(files) // sample)][:sample]:
+        try:
+            im = np.asarray(_read_rgb(path))  # (h, w, 3)
+        except (OSError, ValueError):  # unreadable: image_folder names such files when it reads the folder
+            continue
+        sides.append(min(im.shape[:2]))
+        grey = grey and bool((im[..., 0] == im[..., 1]).all() and (im[..., 1] == im[..., 2]).all())
+    if not sides:
+        raise ValueError(f"no readable images in {root!r}: none of the sampled files could be opened as an image")
+    return FolderSummary(path=root, images=len(files), side=int(np.median(sides)), greyscale=grey)
+
+
+def image_folder(root, resolution=64):
+    """A folder with one sub-folder of images per class (loose images in root form one class of their own).
+    Every image is decoded and resized once, here. Greyscale, palette, CMYK and RGBA become RGB
+    (transparency over white); unreadable files are skipped and listed in one warning; images smaller
+    than the resolution are upscaled and counted in one warning."""
+    height, width = _check_resolution(resolution)
+    files, classes = _folder_files(root)
     images, labels, bad, small = [], [], [], 0
     for path, k in files:
         try:
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-                im = im.convert("RGB")
+            im = _read_rgb(path)
         except Exception:  # PIL raises several kinds of errors for broken files
             bad.append(os.path.relpath(path, root))
             continue

@@ -8,7 +8,7 @@ the optimiser step.
     python train.py                                   # demo recipe: 1,200 steps, 10-15 minutes on 2 CPU cores -> checkpoints/demo/
     python train.py --steps 200 --out checkpoints/run1
     python train.py --steps 400 --out checkpoints/run1 --resume
-    python train.py --dataset data/digits --out checkpoints/digits   # a folder of images (benchmarks/digits_folder.py)
+    python train.py --dataset data/digits             # a folder of images: the folder recipe, printed (folder_recipe)
     torchrun --nproc_per_node 2 train.py --steps 100   # DistributedDataParallel
 """
 
@@ -589,7 +589,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if timed:
             bar.total = max(step, steps_that_fit())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / dt:.0f}")
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / dt:.0f}", refresh=False)  # drawn at the bar's interval
         if want_log and rank == 0:
             out = result.output
             row = {"step": step, "loss": loss, **sched, "grad_norms": result.grad_norms,
@@ -617,35 +617,99 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 # Command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """One flag per TrainConfig field, --the-name, with the field's default and help: booleans as
-    --flag / --no-flag, pairs (start, end) as two numbers, X | None as X."""
+    --flag / --no-flag, pairs (start, end) as two numbers, X | None as X. defaults=False: a flag
+    that is not given is left out of the parsed namespace (to tell which flags were given)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # int | None -> int
+        default = f.default if defaults else argparse.SUPPRESS
         if kind is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         elif kind is tuple:
-            ap.add_argument(flag, type=float, nargs=2, metavar=("START", "END"), default=f.default, help=help)
+            ap.add_argument(flag, type=float, nargs=2, metavar=("START", "END"), default=default, help=help)
         else:
-            ap.add_argument(flag, type=kind, default=f.default, help=help)
-    ap.set_defaults(out=DEMO_OUT)  # the command line always writes its run somewhere
+            ap.add_argument(flag, type=kind, default=default, help=help)
+    if defaults:
+        ap.set_defaults(out=DEMO_OUT)  # the command line always writes its run somewhere
     return ap
 
 
 def parse_args(argv=None) -> TrainConfig:
+    """The TrainConfig of a command line. For a folder of images, the fields whose flags were not
+    given come from `folder_recipe`, and what it chose is printed."""
     ap = build_parser()
     a = ap.parse_args(argv)
-    if a.steps is None and a.epochs is None and a.minutes is None:
-        a.steps = DEMO_STEPS  # the demo recipe
-    cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
+    given = set(vars(build_parser(defaults=False).parse_args(argv)))
     try:
-        data.check_dataset(cfg.dataset)
+        data.check_dataset(a.dataset)
+        if os.path.isdir(a.dataset):
+            summary = data.describe_folder(a.dataset)
+            recipe = folder_recipe(summary, a.resolution if "resolution" in given else None)
+            chosen = {k: v for k, v in recipe.items()
+                      if k not in given and not (k == "num_targets" and a.masking != "multiblock")
+                      and not (k == "epochs" and given & {"steps", "minutes"})}
+            for k, (value, _) in chosen.items():
+                setattr(a, k, value)
+            print(describe_choices(a.dataset, summary, chosen))
+        if a.steps is None and a.epochs is None and a.minutes is None:
+            a.steps = DEMO_STEPS  # the demo recipe
+        cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
         check_config(cfg)
     except ValueError as e:
         ap.error(str(e))
     return cfg
+
+
+# -----------------------------------------------------------------------------------------------
+# A recipe for a folder of images: what `python train.py --dataset FOLDER` chooses by itself
+
+
+FOLDER_IMAGES_SEEN = DEMO_STEPS * TrainConfig.batch_size  # a folder run's length: the demo's 153,600 images
+
+
+def folder_recipe(summary: data.FolderSummary, resolution: int | None = None) -> dict:
+    """{field: (value, why)}: the recipe for a folder, from what `data.describe_folder` sees (and
+    the resolution, when the user chose it). It keeps the demo's 8 x 8 grid of patches, where the
+    masking and the model were tuned, and changes what the digits folder showed it must: two
+    target blocks, and a length in passes over the folder. The command line uses a choice only
+    where its flag was not given. What was measured and not chosen (benchmarks/README.md, *Real
+    images*): 28-px digits at 32 px in 4-px patches, with shifts of up to 2 px, learned less than
+    the same digits upscaled to 64 px."""
+    resolution = resolution or 64
+    patch = resolution // 8 if resolution % 8 == 0 else TrainConfig.patch_size
+    if resolution != 64:
+        why = f"an 8 x 8 grid of patches at the chosen {resolution} px" if resolution % 8 == 0 else "the demo's"
+    elif summary.side < 64:
+        why = (f"{summary.side}-px images upscaled to the demo's 64 px, an 8 x 8 grid of 8-px patches (at 32 px in "
+               f"4-px patches the digits folder learned less)")
+    else:
+        why = f"{summary.side}-px images at the demo's 64 px, an 8 x 8 grid of 8-px patches (the CPU's budget)"
+    return {
+        "resolution": (resolution, why),
+        "patch_size": (patch, "the 8 x 8 grid at that resolution"),
+        "out": (os.path.join("checkpoints", os.path.basename(os.path.normpath(summary.path))),
+                "the folder's own run (checkpoints/demo is the scenes' demo)"),
+        "num_targets": (2, ("two target blocks leave a larger context on an 8 x 8 grid; with the demo's four the "
+                            "digits folder learned on one seed of two")),
+        "epochs": (round(FOLDER_IMAGES_SEEN / summary.images, 1),
+                   f"the demo's budget of {FOLDER_IMAGES_SEEN:,} images seen, over {summary.images:,} images"),
+    }
+
+
+def describe_choices(dataset: str, summary: data.FolderSummary, chosen: dict) -> str:
+    """What the folder recipe saw and chose, as the command line prints it."""
+    colour = "greyscale" if summary.greyscale else "colour"
+    lines = [f"{dataset}: {summary.images:,} training images, median side {summary.side} px, {colour}."]
+    if chosen:
+        lines.append("The folder recipe chose (give a flag to choose otherwise):")
+    for k, (value, why) in chosen.items():
+        flag = "--" + k.replace("_", "-")
+        shown = (flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag} {value}"
+        lines.append(f"  {shown:<24} {why}")
+    return "\n".join(lines)
 
 
 def checkpoint_to_use(path: str | None) -> str:

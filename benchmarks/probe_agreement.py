@@ -11,6 +11,7 @@ in standard errors, and the time each took.
     python benchmarks/probe_agreement.py --checkpoint checkpoints/demo/checkpoint.pt
     python benchmarks/probe_agreement.py --checkpoint CKPT --labels shape --no-pixels
     python benchmarks/probe_agreement.py --checkpoint CKPT --labels count --encoders student --per-C
+    python benchmarks/probe_agreement.py --checkpoint CKPT --dataset data/digits --pool-grid 4   # pooled, wide
 
 --per-C explains a disagreement: for every layer and every C of the grid it prints each
 implementation's validation accuracy, the objective it reached (the same formula for both: mean
@@ -34,9 +35,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import evaluation.logistic as LR  # noqa: E402
+import evaluation.probes as PR  # noqa: E402
 import evaluation.stats as ST  # noqa: E402
 import train as T  # noqa: E402
 
@@ -100,7 +101,9 @@ def best_layer(probe, train_layers, train_y, test_layers, test_y, seed):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=T.REFERENCE_CHECKPOINT)
-    ap.add_argument("--labels", nargs="+", default=list(data.LABELS), choices=data.LABELS)
+    ap.add_argument("--dataset", default="scenes", help="scenes, or a folder of class sub-folders (label: class)")
+    ap.add_argument("--labels", nargs="+", help="labels to probe (default: every label of the dataset)")
+    ap.add_argument("--pool-grid", type=int, default=1, help="features pooled over K x K cells (K * K times wider)")
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--no-pixels", action="store_true", help="skip raw pixels (scikit-learn takes minutes per label there)")
@@ -112,9 +115,10 @@ def main():
     args = ap.parse_args()
 
     wanted = args.encoders or [*E.ENCODERS, "pixels"]
-    got = E.checkpoint_features(args.checkpoint, "scenes", args.train, args.test, cache_dir=None,
-                                pixels=not args.no_pixels and "pixels" in wanted, progress=False,
-                                encoders=[name for name in E.ENCODERS if name in wanted])
+    got = E.checkpoint_features(args.checkpoint, args.dataset, args.train, args.test, cache_dir=None,
+                                pixels=not args.no_pixels and "pixels" in wanted, progress=False, labels=args.labels,
+                                encoders=[name for name in E.ENCODERS if name in wanted], pool_grid=args.pool_grid)
+    args.labels = args.labels or got["labels"]
     seed = got["config"].seed
     if args.per_C:
         for label in args.labels:
@@ -133,7 +137,11 @@ def main():
     rows = []
     for label in args.labels:
         y_tr, y_te = got["train_labels"][label].numpy(), got["test_labels"][label].numpy()
-        for name, (a, b) in got["features"].items():
+        sets = dict(got["features"])
+        for name, (a, b) in got["features"].items():  # the concat-4 probe too: four times as wide
+            if PR.concat_blocks(a) is not None:
+                sets[f"{name} concat-4"] = ([PR.concat_blocks(a)], [PR.concat_blocks(b)])
+        for name, (a, b) in sets.items():
             timings = {}
             for impl, probe in (("sklearn", sklearn_grid), ("torch", torch_probe)):
                 t0 = time.perf_counter()
@@ -144,7 +152,7 @@ def main():
                              torch=t_acc, torch_layer=t_layer, torch_s=round(t_time, 2),
                              diff_in_se=round((t_acc - s_acc) / max(se, 1e-12), 2)))
             r = rows[-1]
-            print(f"{label:<9}{name:<12} scikit-learn {s_acc:.4f} [layer {s_layer}] {s_time:7.1f} s   torch {t_acc:.4f} "
+            print(f"{label:<9}{name:<20} scikit-learn {s_acc:.4f} [layer {s_layer}] {s_time:7.1f} s   torch {t_acc:.4f} "
                   f"[layer {t_layer}] {t_time:6.1f} s   difference {r['diff_in_se']:+.2f} s.e.", flush=True)
     worst = max(abs(r["diff_in_se"]) for r in rows)
     s_total, t_total = sum(r["sklearn_s"] for r in rows), sum(r["torch_s"] for r in rows)

@@ -49,14 +49,20 @@ def probe_best_layer(train_layers: list, train_y, test_layers: list, test_y, see
     return LayerProbe(layer=best + 1, result=results[best], val_by_layer=val, test_by_layer=[r.top1 for r in results])
 
 
+def concat_blocks(layers: list, last: int = 4):
+    """The features of the last `last` blocks side by side, (N, last * D), or None when the encoder
+    has fewer blocks. `layers` as layer_features gives them: the blocks, then the final output."""
+    blocks = len(layers) - 1
+    return np.concatenate(layers[blocks - last:blocks], axis=1) if last and blocks >= last else None
+
+
 def prepare_encoder(train_layers: list, test_layers: list, seed: int = 0, concat_last: int = 4) -> dict:
     """What probe_features needs of one encoder's layers, whatever the label: the layers prepared
     for the linear probe, and the concatenation of the last `concat_last` blocks."""
     out = {"layers": prepare_features(train_layers, test_layers, seed=seed)}
-    blocks = len(train_layers) - 1
-    if concat_last and blocks >= concat_last:  # concat_last=0: no concatenation probe
-        cat = lambda layers: np.concatenate(layers[blocks - concat_last:blocks], axis=1)  # noqa: E731
-        out["concat"] = prepare_features([cat(train_layers)], [cat(test_layers)], seed=seed)
+    if concat_blocks(train_layers, concat_last) is not None:  # concat_last=0: no concatenation probe
+        out["concat"] = prepare_features([concat_blocks(train_layers, concat_last)],
+                                         [concat_blocks(test_layers, concat_last)], seed=seed)
     return out
 
 

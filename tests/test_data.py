@@ -392,3 +392,22 @@ def test_patch_regions_take_the_majority():
 
 # ---------------------------------------------------------------------------------------------
 # the model's side: teacher features, masks, predictions, random init
+
+
+def test_describe_folder_counts_the_training_images_and_sees_their_size_and_colour(tmp_path):
+    from PIL import Image
+    for split, n in (("train", 6), ("test", 3)):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (28 + i % 2, 30), 40 * i).save(tmp_path / split / c / f"{i}.png")  # 28 or 29 wide
+    grey = data.describe_folder(str(tmp_path))
+    assert (grey.images, grey.side, grey.greyscale) == (12, 28, True)  # train/ only; median shorter side
+    Image.new("RGB", (28, 30), (200, 10, 10)).save(tmp_path / "train" / "a" / "red.png")
+    assert not data.describe_folder(str(tmp_path)).greyscale
+    (tmp_path / "loose").mkdir()
+    Image.new("RGB", (90, 120), (5, 5, 5)).save(tmp_path / "loose" / "x.png")  # grey content in an RGB file
+    assert data.describe_folder(str(tmp_path / "loose")) == data.FolderSummary(str(tmp_path / "loose"), 1, 90, True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        data.describe_folder(str(tmp_path / "empty"))

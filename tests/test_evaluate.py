@@ -118,15 +118,42 @@ def test_basis_changes_the_coordinates_not_the_fit():
     np.testing.assert_allclose(b_back, b, atol=1e-9)
 
 
-def test_preconditioned_fit_stops_on_the_gradient_length():
+def test_float32_bases_are_orthonormal_and_the_fit_part_is_standardised_by_its_own_rows():
+    rng = np.random.default_rng(8)
+    low_rank = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 40))  # badly conditioned: rank 6 of 40
+    for x in (low_rank + 1e-3 * rng.normal(size=(200, 40)), rng.normal(size=(30, 90))):  # d <= n, then d > n
+        x = torch.as_tensor(x, dtype=torch.float32)
+        basis, coords = LR.Basis.from_rows(x)
+        r = basis.rotation.shape[1]
+        assert basis.rotation.dtype == torch.float32 and r == min(x.shape)
+        np.testing.assert_allclose(basis.rotation.T @ basis.rotation, np.eye(r), atol=1e-5)
+        np.testing.assert_allclose(basis.coordinates(x), coords, atol=1e-3)
+    prepared = LR.prepare_features([low_rank], [low_rank[:10]])
+    fit, val = prepared.fit_rows, prepared.val_rows
+    assert len(val) == 40 and sorted(torch.cat([fit, val]).tolist()) == list(range(200))
+    s = prepared.sets[0]  # the fit part: its own mean and standard deviation, as scikit-learn's scaler would have
+    np.testing.assert_allclose(s.fit_basis.mean, low_rank[fit.numpy()].mean(0), atol=1e-4)
+    np.testing.assert_allclose(s.fit_basis.std, low_rank[fit.numpy()].std(0), rtol=1e-4)
+    np.testing.assert_allclose(s.train_basis.mean, low_rank.mean(0), atol=1e-4)
+
+
+def test_fit_stops_by_scikit_learns_rule_in_the_standardised_coordinates():
     x, y = blobs(300, 5, 3, 1.5, 7)
     x, y = torch.as_tensor(x), torch.as_tensor(y)
-    W, b, ok = LR.fit_logistic(x, y, 3, 10.0, tol=1e-6)
-    # the gradient at the returned point, by autograd, is shorter than tol
-    theta = torch.cat([W, b[None]]).requires_grad_(True)
-    loss = F.cross_entropy(x @ theta[:-1] + theta[-1], y) + (theta[:-1] ** 2).sum() / (2 * 10.0 * len(x))
-    loss.backward()
-    assert ok and theta.grad.norm() <= 1e-6
+
+    def gradient(x, W, b, C=10.0):  # of the objective at (W, b), by autograd
+        theta = torch.cat([W, b[None]]).double().requires_grad_(True)
+        loss = F.cross_entropy(x @ theta[:-1] + theta[-1], y) + (theta[:-1] ** 2).sum() / (2 * C * len(x))
+        loss.backward()
+        return theta.grad
+
+    W, b, ok = LR.fit_logistic(x, y, 3, 10.0, tol=1e-6)  # beyond float32: float64 finishes the search
+    assert ok and W.dtype == torch.float64 and gradient(x, W, b).abs().max() <= 1e-6
+    # in rotated coordinates the rule looks at the gradient turned back into the original ones
+    rotation = torch.linalg.qr(torch.as_tensor(np.random.default_rng(3).normal(size=(5, 5))))[0]
+    W, b, ok = LR.fit_logistic(x @ rotation, y, 3, 10.0, tol=1e-6, rotation=rotation)
+    g = gradient(x @ rotation, W, b)
+    assert ok and (rotation @ g[:-1]).abs().max() <= 1e-6 and g[-1].abs().max() <= 1e-6
     # a fit cut short says so
     assert not LR.fit_logistic(x, y, 3, 10.0, max_iter=2, tol=1e-6)[2]
 
@@ -277,7 +304,7 @@ def test_grid_pool_averages_each_cell_of_the_patch_grid():
     np.testing.assert_allclose(pooled_final.numpy(), feats[-1], atol=1e-5)
 
 
-def test_probe_command_on_a_folder(tiny_checkpoint, tmp_path):
+def test_probe_command_on_a_folder(tiny_checkpoint, tmp_path, capsys):
     from PIL import Image
     rng = np.random.default_rng(0)
     for k, colour in enumerate(((200, 30, 30), (30, 30, 200))):
@@ -286,10 +313,17 @@ def test_probe_command_on_a_folder(tiny_checkpoint, tmp_path):
             pixels = np.clip(np.array(colour) + rng.normal(0, 20, size=(32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(tmp_path / "images" / f"class{k}" / f"{i}.png")
     out = tmp_path / "probe.json"
+    # a folder is probed by the plain mean and over 4 x 4 cells (the checkpoint's whole 4 x 4 grid), side by side
     assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--dataset", str(tmp_path / "images"), "--cache", "",
                    "--json", str(out)]) == 0
-    result = json.loads(out.read_text())["class"]
-    assert result["n_test"] == 12 and result["pixels"]["best_top1"] == 1.0  # colour separates the classes
+    printed = capsys.readouterr().out
+    assert "mean of all tokens" in printed and "tokens pooled over 4 x 4 cells" in printed
+    both = json.loads(out.read_text())
+    assert set(both) == {"pool_grid_1", "pool_grid_4"}
+    plain, cells = both["pool_grid_1"]["class"], both["pool_grid_4"]["class"]
+    assert plain["n_test"] == 12 and plain["pixels"]["best_top1"] == 1.0  # colour separates the classes
+    assert cells["pixels"] == plain["pixels"]  # pixels are probed once and shown beside each pooling
+    assert len(cells["teacher"]["per_layer_top1"]) == len(plain["teacher"]["per_layer_top1"]) == 5
     assert E.main(["probe", "--checkpoint", tiny_checkpoint, "--dataset", str(tmp_path / "images"), "--cache", "",
                    "--pool-grid", "2", "--no-pixels", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["class"]["teacher"]["best_top1"] >= 0.9   # pooled per cell, colour still shows

@@ -483,3 +483,49 @@ def test_command_line_errors_are_one_line(capsys):
     assert T.run_command("prog.py", lambda: 0) == 0
     with pytest.raises(KeyError):  # a bug is not a user's mistake: it keeps its traceback
         T.run_command("prog.py", lambda: {}["missing"])
+
+
+def small_folder(root, n=20, size=(28, 28), mode="L"):
+    """A folder of two classes of n small images each (greyscale by default)."""
+    from PIL import Image
+    for c in ("zero", "one"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new(mode, size, 100 + i if mode == "L" else (100 + i, 20, 60)).save(root / c / f"{i}.png")
+    return str(root)
+
+
+def test_a_folder_without_flags_gets_the_folder_recipe_and_is_told_why(tmp_path, capsys):
+    folder = small_folder(tmp_path / "digits")
+    cfg = T.parse_args(["--dataset", folder])
+    assert (cfg.resolution, cfg.patch_size, cfg.num_targets, cfg.shift, cfg.flip) == (64, 8, 2, 0, False)
+    assert (cfg.steps, cfg.epochs) == (None, round(T.FOLDER_IMAGES_SEEN / 40, 1))  # the demo's images seen
+    assert cfg.out == os.path.join("checkpoints", "digits")  # not over the scenes' demo checkpoint
+    printed = capsys.readouterr().out
+    assert "40 training images, median side 28 px, greyscale" in printed
+    for shown in ("--resolution 64", "--patch-size 8", "--num-targets 2", "--epochs 3840.0", "--out checkpoints"):
+        assert shown in printed
+    assert T.parse_args(["--dataset", small_folder(tmp_path / "photos", mode="RGB")]).resolution == 64
+    assert "colour" in capsys.readouterr().out
+
+
+def test_a_flag_given_for_a_folder_overrides_the_recipe_and_what_follows_from_it(tmp_path, capsys):
+    folder = small_folder(tmp_path / "digits")
+    cfg = T.parse_args(["--dataset", folder, "--resolution", "32", "--steps", "5", "--out", "x"])
+    assert (cfg.resolution, cfg.patch_size, cfg.steps, cfg.epochs, cfg.out) == (32, 4, 5, None, "x")
+    printed = capsys.readouterr().out
+    assert "--patch-size 4" in printed and "--resolution" not in printed and "--epochs" not in printed
+    cfg = T.parse_args(["--dataset", folder, "--masking", "window", "--minutes", "2"])
+    assert (cfg.num_targets, cfg.epochs, cfg.minutes) == (T.TrainConfig.num_targets, None, 2.0)
+    cfg = T.parse_args(["--dataset", folder, "--num-targets", "4", "--patch-size", "16", "--shift", "3", "--flip"])
+    assert (cfg.num_targets, cfg.patch_size, cfg.resolution, cfg.shift, cfg.flip) == (4, 16, 64, 3, True)
+
+
+def test_the_folder_recipe_follows_image_size_and_folder_size():
+    large = T.folder_recipe(data.FolderSummary("photos", images=50_000, side=300, greyscale=False))
+    assert {k: v for k, (v, _) in large.items()} == {
+        "resolution": 64, "patch_size": 8, "out": os.path.join("checkpoints", "photos"), "num_targets": 2, "epochs": 3.1}
+    small = T.folder_recipe(data.FolderSummary("d", images=4_000, side=28, greyscale=True))
+    assert small["epochs"][0] == 38.4 and "upscaled" in small["resolution"][1]
+    assert T.folder_recipe(data.FolderSummary("d", images=100, side=28, greyscale=True), resolution=48)["patch_size"][0] == 6
+    assert all(why for _, why in large.values())  # every choice says why
