@@ -21,7 +21,7 @@ import data
 import evaluation.logistic as LR
 import evaluation.stats as ST
 import models as M
-from benchmarks import dataset_speed, digits_folder, learning, probe_agreement, train_step
+from benchmarks import dataset_speed, digits_folder, learning, probe_agreement, probe_speed, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -315,14 +315,42 @@ def test_probe_agreement_command_line_compares_both_on_a_checkpoint(tiny_checkpo
     out = run("probe_agreement.py", "--checkpoint", tiny_checkpoint, "--labels", "shape", "--encoders", "random_init",
               "--train", 100, "--test", 50, "--Cs", 0.1, 1.0, "--json")
     result = last_json(out)
-    [row] = result["rows"]
-    assert (row["label"], row["encoder"]) == ("shape", "random_init")
-    for impl in ("sklearn", "torch"):
-        assert_counts(row[impl], 50)
-        assert 1 <= row[f"{impl}_layer"] <= 5
-    se = np.hypot(ST.standard_error(row["sklearn"], 50), ST.standard_error(row["torch"], 50))
-    assert row["diff_in_se"] == round((row["torch"] - row["sklearn"]) / se, 2)
-    assert result["max_abs_diff_in_se"] == abs(row["diff_in_se"])
+    rows = result["rows"]  # every layer (the best on validation), then the last four blocks side by side
+    assert [(r["label"], r["encoder"]) for r in rows] == [("shape", "random_init"), ("shape", "random_init concat-4")]
+    for row, layers in zip(rows, (5, 1)):
+        for impl in ("sklearn", "torch"):
+            assert_counts(row[impl], 50)
+            assert 1 <= row[f"{impl}_layer"] <= layers
+        se = np.hypot(ST.standard_error(row["sklearn"], 50), ST.standard_error(row["torch"], 50))
+        assert row["diff_in_se"] == round((row["torch"] - row["sklearn"]) / se, 2)
+    assert result["max_abs_diff_in_se"] == max(abs(r["diff_in_se"]) for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# probe_speed.py
+
+
+def test_probe_speed_says_which_revision_it_cannot_read():
+    with pytest.raises(SystemExit, match="cannot read evaluation/logistic.py at 'no-such-revision'"):
+        probe_speed.solver_at("no-such-revision")
+
+
+@pytest.mark.slow
+def test_probe_speed_times_the_solver_now_and_at_a_revision_on_the_same_features(tiny_checkpoint, tmp_path):
+    out = tmp_path / "speed.json"
+    stdout = run("probe_speed.py", "--checkpoint", tiny_checkpoint, "--train", 60, "--test", 30, "--before", "HEAD",
+                 "--json", out)
+    report = json.loads(out.read_text())
+    assert report["widths"] == {"teacher": [128] * 5, "student": [128] * 5, "random_init": [128] * 5,
+                                "pixels": [3 * 32 * 32]}
+    for name, row in report["encoders"].items():
+        assert set(row) == {"now", "before"}
+        for timed in row.values():
+            assert timed["seconds"] >= 0 and set(timed["results"]) == {"shape", "count", "distance"}
+            for layer, top1, concat in timed["results"].values():
+                assert_counts(top1, 30)
+                assert (layer, concat) == (None, None) if name == "pixels" else 1 <= layer <= 5
+    assert stdout.count("same results:") == 4 and "total with the features, before" in stdout
 
 
 # ---------------------------------------------------------------------------------------------
