@@ -681,7 +681,8 @@ def folder_recipe(summary: data.FolderSummary, resolution: int | None = None) ->
     resolution = resolution or 64
     patch = resolution // 8 if resolution % 8 == 0 else TrainConfig.patch_size
     if resolution != 64:
-        why = f"an 8 x 8 grid of patches at the chosen {resolution} px" if resolution % 8 == 0 else "the demo's"
+        why = f"an 8 x 8 grid of patches at the chosen {resolution} px" if resolution % 8 == 0 else \
+            f"the demo's {patch}-px patches ({resolution} px is not a multiple of 8)"
     elif summary.side < 64:
         why = (f"{summary.side}-px images upscaled to the demo's 64 px, an 8 x 8 grid of 8-px patches (at 32 px in "
                f"4-px patches the digits folder learned less)")
@@ -706,8 +707,7 @@ def describe_choices(dataset: str, summary: data.FolderSummary, chosen: dict) ->
     if chosen:
         lines.append("The folder recipe chose (give a flag to choose otherwise):")
     for k, (value, why) in chosen.items():
-        flag = "--" + k.replace("_", "-")
-        shown = (flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag} {value}"
+        shown = f"--{k.replace('_', '-')} {value}"
         lines.append(f"  {shown:<24} {why}")
     return "\n".join(lines)
 

@@ -40,7 +40,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max
     warm-starts the search; the problem is convex, so the optimum does not depend on it. Returns
     (weights, bias, converged) in x's dtype.
 
-    The search runs in float32 first, where each step costs half as much, and float64 finishes it
+    The search runs in float32 first, where a step costs about half as much, and float64 finishes it
     when float32 could not: float32 resolves the objective to about 1e-7 of its size, which can be
     too coarse for the last line searches before the optimum. Both stages minimise the same
     objective and stop by the same rule."""
