@@ -44,11 +44,12 @@ def solver_at(rev: str):
 
 def timed_probe(got: dict, solver=None) -> dict:
     """{encoder: (seconds, {label: (best layer, linear top-1, concat-4 top-1)})}, every encoder probed
-    as probe_all does, with `solver` (a module with prepare_features and probe_prepared) in place of
-    the current one when given."""
-    saved = PR.prepare_features, PR.probe_prepared
-    if solver is not None:
+    as probe_all does, with `solver` (a module with prepare_features, probe_prepared and perhaps
+    side_by_side) in place of the current one when given."""
+    saved = PR.prepare_features, PR.probe_prepared, PR.side_by_side
+    if solver is not None:  # a solver without side_by_side makes concat-4 a basis of its own, as it did
         PR.prepare_features, PR.probe_prepared = solver.prepare_features, solver.probe_prepared
+        PR.side_by_side = getattr(solver, "side_by_side", lambda prepared, which: None)
     try:
         out = {}
         for name, (a, b) in got["features"].items():
@@ -60,7 +61,7 @@ def timed_probe(got: dict, solver=None) -> dict:
                                                     for label, row in results.items()})
         return out
     finally:
-        PR.prepare_features, PR.probe_prepared = saved
+        PR.prepare_features, PR.probe_prepared, PR.side_by_side = saved
 
 
 def main():

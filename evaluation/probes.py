@@ -8,7 +8,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluation.logistic import ProbeResult, prepare_features, probe_prepared
+from evaluation.logistic import (
+    ProbeResult,
+    prepare_features,
+    probe_prepared,
+    side_by_side,
+)
 from evaluation.stats import standard_error
 
 
@@ -61,8 +66,9 @@ def prepare_encoder(train_layers: list, test_layers: list, seed: int = 0, concat
     for the linear probe, and the concatenation of the last `concat_last` blocks."""
     out = {"layers": prepare_features(train_layers, test_layers, seed=seed)}
     if concat_blocks(train_layers, concat_last) is not None:  # concat_last=0: no concatenation probe
-        out["concat"] = prepare_features([concat_blocks(train_layers, concat_last)],
-                                         [concat_blocks(test_layers, concat_last)], seed=seed)
+        blocks = len(train_layers) - 1  # the layers are the blocks, then the final output
+        out["concat"] = side_by_side(out["layers"], list(range(blocks - concat_last, blocks))) or \
+            prepare_features([concat_blocks(train_layers, concat_last)], [concat_blocks(test_layers, concat_last)], seed=seed)
     return out
 
 

@@ -50,7 +50,7 @@ def test_render_is_deterministic_and_independent_of_the_batch():
 
 def test_stored_images_agree_whatever_the_chunk_size():
     # SceneDataset renders in chunks and stores uint8: a pixel whose float value sits on a rounding
-    # boundary may land one level apart in chunks of another size, never more (README, dataset).
+    # boundary may land one level apart in chunks of another size, never more (tests/README.md, Floating point).
     small, large = data.SceneDataset(40, resolution=32, seed=5, chunk=16), data.SceneDataset(40, resolution=32, seed=5, chunk=40)
     (x, y), (u, v) = small.tensors("count"), large.tensors("count")
     assert torch.equal(y, v)
