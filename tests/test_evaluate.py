@@ -175,27 +175,30 @@ def test_prepared_layers_probe_as_each_layer_alone():
 def test_sets_side_by_side_are_the_concatenated_features_without_a_basis_of_their_own():
     # concat-4 from the layers' own rotations: the block-diagonal rotation is orthonormal, so a fit
     # there is the fit on the concatenated features (same logits on the validation rows)
-    x1, y = blobs(300, 6, 3, 2.0, 21)
+    # with more features side by side (2 x 50) than fit rows (80), where it is used
+    x1, y = blobs(150, 50, 3, 6.0, 21)
     rng = np.random.default_rng(22)
     layers = [x1 + rng.normal(size=x1.shape) * s for s in (0.5, 1.0, 2.0)]
-    train, test = [a[:200] for a in layers], [a[200:] for a in layers]
+    train, test = [a[:100] for a in layers], [a[100:] for a in layers]
     joined = LR.side_by_side(LR.prepare_features(train, test), [1, 2])
     direct = LR.prepare_features([np.concatenate(train[1:], 1)], [np.concatenate(test[1:], 1)])
     (a, b) = joined.sets[0], direct.sets[0]
-    assert a.fit.shape == b.fit.shape == (160, 12) and a.test.shape == (100, 12)
+    assert a.fit.shape == (80, 100) and b.fit.shape == (80, 80) and a.test.shape == (50, 100)
     rotation = a.fit_basis.rotation
-    np.testing.assert_allclose(rotation.T @ rotation, np.eye(12), atol=1e-5)  # orthonormal
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(100), atol=1e-5)  # orthonormal
     np.testing.assert_allclose(a.fit_basis.coordinates(torch.as_tensor(np.concatenate(train[1:], 1), dtype=torch.float32)
                                                        [joined.fit_rows]), a.fit, atol=1e-4)
-    y_fit = torch.as_tensor(y[:200])[joined.fit_rows]
+    y_fit = torch.as_tensor(y[:100])[joined.fit_rows]
     fits = [LR.fit_logistic(s.fit.double(), y_fit, 3, 1.0, tol=1e-7, rotation=s.fit_basis.rotation.double()) for s in (a, b)]
     assert all(ok for _, _, ok in fits)
     logits = [s.val.double() @ W + bias for s, (W, bias, _) in zip((a, b), fits)]
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-3)
     # the probe's answers are the same too
-    ours, theirs = LR.probe_prepared(joined, y[:200], y[200:])[0], LR.probe_prepared(direct, y[:200], y[200:])[0]
+    ours, theirs = LR.probe_prepared(joined, y[:100], y[100:])[0], LR.probe_prepared(direct, y[:100], y[100:])[0]
     assert (ours.C, ours.val_top1, ours.top1) == (theirs.C, theirs.val_top1, theirs.top1)
-    # more features than fit rows: no square rotation to put side by side
+    # fewer features side by side than fit rows: the concatenation's own basis is cheaper
+    assert LR.side_by_side(LR.prepare_features([a[:, :30] for a in train], [a[:, :30] for a in test]), [1, 2]) is None
+    # a layer with more features than fit rows: no square rotation to put side by side
     wide = LR.prepare_features([rng.normal(size=(50, 60)), rng.normal(size=(50, 60))], [rng.normal(size=(10, 60))] * 2)
     assert LR.side_by_side(wide, [0, 1]) is None
 
