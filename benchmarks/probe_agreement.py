@@ -106,7 +106,8 @@ def best_of(results):
 def both_probes(a, b, y_tr, y_te, seed, **fitting):
     """{probe: {implementation: (test top-1, layer, seconds)}} for the best layer and, where the encoder
     has four blocks, concat-4. Torch's side is the probe's own path (`probes.prepare_encoder`: the
-    layers' bases, and concat-4 from them side by side); scikit-learn's fits the raw features."""
+    layers' bases, and concat-4 from them side by side where it is wider than the fit rows);
+    scikit-learn's fits the raw features."""
     out = {"best layer": {}, "concat-4": {}}
     t0 = time.perf_counter()
     prepared = PR.prepare_encoder(a, b, seed)
