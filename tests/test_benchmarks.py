@@ -316,11 +316,12 @@ def test_probe_agreement_command_line_compares_both_on_a_checkpoint(tiny_checkpo
               "--train", 100, "--test", 50, "--Cs", 0.1, 1.0, "--json")
     result = last_json(out)
     rows = result["rows"]  # every layer (the best on validation), then the last four blocks side by side
-    assert [(r["label"], r["encoder"]) for r in rows] == [("shape", "random_init"), ("shape", "random_init concat-4")]
-    for row, layers in zip(rows, (5, 1)):
+    assert [(r["label"], r["encoder"], r["probe"]) for r in rows] == [("shape", "random_init", "best layer"),
+                                                                      ("shape", "random_init", "concat-4")]
+    for row, layers in zip(rows, (5, None)):
         for impl in ("sklearn", "torch"):
             assert_counts(row[impl], 50)
-            assert 1 <= row[f"{impl}_layer"] <= layers
+            assert (1 <= row[f"{impl}_layer"] <= layers) if layers else row[f"{impl}_layer"] is None
         se = np.hypot(ST.standard_error(row["sklearn"], 50), ST.standard_error(row["torch"], 50))
         assert row["diff_in_se"] == round((row["torch"] - row["sklearn"]) / se, 2)
     assert result["max_abs_diff_in_se"] == max(abs(r["diff_in_se"]) for r in rows)
