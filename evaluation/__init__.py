@@ -6,5 +6,6 @@ checkpoint and is the command line.
     probes.py     the classification protocol: every layer, concat-4, and k-NN
     depth.py      the depth probe and its metrics
     rankme.py     RankMe, the label-free effective rank that train.py logs
-    stats.py      standard errors
+    attention.py  attention maps: each block's attention weights, recomputed, and their distance
+    stats.py      standard errors, and `compare`: the one rule of every verdict (beyond 2 s.e.)
 """

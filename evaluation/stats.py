@@ -1,6 +1,8 @@
-"""Standard errors, one definition each: of an accuracy (a proportion) and of a mean of per-image values."""
+"""Standard errors, one definition each (of an accuracy, of a mean of per-image values), and the one
+rule every verdict of the project uses to compare two measurements."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -19,3 +21,44 @@ def mean_and_se(values) -> dict:
     v = torch.as_tensor(values, dtype=torch.float64).flatten()
     se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else math.nan
     return {"mean": float(v.mean()), "se": se}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """a - b for two measurements, in their units and in standard errors of the difference."""
+
+    a: float
+    b: float
+    diff: float  # a - b
+    se: float  # the standard error of a - b
+    z: float  # diff / se: how many standard errors apart (+-inf when se is 0 and they differ)
+    verdict: str  # "better", "worse" (a against b) or "no difference" (|z| below the threshold)
+
+    def sentence(self, name_a: str, name_b: str, digits: int = 3, points: bool = False) -> str:
+        """One line: 'teacher 0.669 vs pixels 0.465: +0.204 (+9.8 s.e.), teacher better'; with
+        points=True (accuracies) the difference is in percentage points: '+20.4 points'."""
+        said = {"better": f"{name_a} better", "worse": f"{name_a} worse",
+                "no difference": "no difference the measurement resolves"}[self.verdict]
+        diff = f"{100 * self.diff:+.1f} points" if points else f"{self.diff:+.{digits}f}"
+        return f"{name_a} {self.a:.{digits}f} vs {name_b} {self.b:.{digits}f}: {diff} ({self.z:+.1f} s.e.), {said}"
+
+
+def compare(a: float, se_a: float, b: float, se_b: float, higher_is_better: bool = True,
+            threshold: float = 2.0, min_se: float = 0.0) -> Difference:
+    """The project's rule for 'a differs from b': a - b counts when it is at least `threshold`
+    standard errors of the difference from 0, the two measurements taken as independent
+    (se = sqrt(se_a^2 + se_b^2)). `min_se` is a floor on that se: an accuracy of 1.0 or 0.0 has a
+    binomial standard error of 0, which would make any difference infinitely sure (a floor of
+    0.5 / n_test says one image's worth is the least a test set can resolve)."""
+    for name, value in (("a", a), ("b", b), ("se_a", se_a), ("se_b", se_b)):
+        if not math.isfinite(value):
+            raise ValueError(f"compare needs finite numbers, got {name} = {value}: a NaN standard error "
+                             f"comes from a single measurement, which says nothing of the spread")
+    if se_a < 0 or se_b < 0:
+        raise ValueError(f"standard errors are never negative, got {se_a} and {se_b}")
+    diff = a - b
+    se = max(math.hypot(se_a, se_b), min_se)
+    z = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
+    ahead = diff > 0 if higher_is_better else diff < 0
+    verdict = "no difference" if abs(z) < threshold else "better" if ahead else "worse"
+    return Difference(a, b, diff, se, z, verdict)

@@ -426,3 +426,55 @@ def test_the_probe_command_checks_the_dataset_before_any_checkpoint(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 1 and "no-such-folder" in err and "not a known dataset" in err and "none.pt" not in err
     assert err.count("\n") == 1 and err.startswith("evaluate.py: error:")
+
+
+def test_compare_counts_a_difference_beyond_two_standard_errors_of_the_difference():
+    # se of the difference: hypot(0.03, 0.04) = 0.05, so 0.11 is 2.2 s.e. and 0.09 is 1.8
+    assert ST.compare(0.61, 0.03, 0.50, 0.04).z == pytest.approx(2.2)
+    assert ST.compare(0.61, 0.03, 0.50, 0.04).verdict == "better"
+    assert ST.compare(0.59, 0.03, 0.50, 0.04).verdict == "no difference"
+    assert ST.compare(0.39, 0.03, 0.50, 0.04).verdict == "worse"
+    # lower is better (an error): the smaller one wins
+    assert ST.compare(0.39, 0.03, 0.50, 0.04, higher_is_better=False).verdict == "better"
+    # a floor on the standard error: two perfect scores' binomial se is 0
+    assert ST.compare(1.0, 0.0, 0.99, 0.0).z == float("inf")
+    assert ST.compare(1.0, 0.0, 0.99, 0.0, min_se=0.01).verdict == "no difference"
+    assert ST.compare(0.5, 0.0, 0.5, 0.0).verdict == "no difference"
+    d = ST.compare(0.669, ST.standard_error(0.669, 2000), 0.465, ST.standard_error(0.465, 2000))
+    assert d.sentence("teacher", "pixels", points=True).startswith("teacher 0.669 vs pixels 0.465: +20.4 points (+13.3")
+    assert d.sentence("teacher", "pixels").endswith("teacher better")
+    with pytest.raises(ValueError, match="single measurement"):
+        ST.compare(0.5, float("nan"), 0.4, 0.01)
+
+
+def test_attention_weights_are_the_softmax_each_block_applies():
+    import evaluation.attention as AT
+
+    torch.manual_seed(0)
+    encoder = M.VisionTransformer(M.ViTConfig(patch_size=4, dim=32, depth=3, heads=4)).eval()
+    images = torch.rand(2, 3, 12, 16)  # a 3 x 4 patch grid
+    outputs = []
+    hooks = [b.attn.register_forward_hook(lambda m, args, out: outputs.append((args[0], out))) for b in encoder.blocks]
+    weights = AT.attention_weights(encoder, images)
+    for h in hooks:
+        h.remove()
+    assert weights.shape == (3, 2, 4, 12, 12)
+    assert torch.allclose(weights.sum(-1), torch.ones(3, 2, 4, 12), atol=1e-5) and (weights >= 0).all()
+    # weights times the values, through the output projection, is what each block's attention returned
+    for block, w, (x, out) in zip(encoder.blocks, weights, outputs):
+        v = block.attn.qkv(x).reshape(2, 12, 3, 4, 8)[:, :, 2].transpose(1, 2)  # (B, H, N, D/H)
+        mixed = (w @ v).transpose(1, 2).reshape(2, 12, 32)
+        assert torch.allclose(block.attn.proj(mixed), out, atol=1e-5)
+
+
+def test_attention_distance_on_hand_made_weights():
+    import evaluation.attention as AT
+
+    n = 2 * 4  # a 2 x 4 grid
+    one_hot = torch.zeros(n, n)
+    one_hot[0, 3] = 1.0  # (0, 0) looks only at (0, 3): 3 patches away
+    one_hot[5, 5] = 1.0  # (1, 1) looks only at itself
+    d = AT.attention_distance(one_hot, (2, 4))
+    assert d[0].item() == pytest.approx(3.0) and d[5].item() == pytest.approx(0.0)
+    uniform = torch.full((4, 4), 0.25)  # a 2 x 2 grid; from a corner: distances 0, 1, 1, sqrt(2)
+    assert AT.attention_distance(uniform, (2, 2))[0].item() == pytest.approx((2 + 2 ** 0.5) / 4)
