@@ -110,7 +110,7 @@ def checkpoint_features(checkpoint: str, dataset: str = "scenes", n_train: int =
     features = {}
     for name, encoder in encoders.items():
         made_by = digest if name != "random_init" else \
-            f"init:{cfg.model}:{cfg.seed}:{cfg.patch_size}:{cfg.feature_norm}:{cfg.condition_encoders}"
+            f"init:{cfg.model}:{cfg.seed}:{cfg.patch_size}:{cfg.feature_norm}:{cfg.condition_encoders}:{cfg.method}"
         key = dict(checkpoint=made_by, encoder=name, dataset=os.path.abspath(dataset) if os.path.isdir(dataset) else dataset,
                    resolution=cfg.resolution, n_train=len(x_tr), n_test=len(x_te), seed=cfg.seed, pool_grid=pool_grid)
         # cached as tensors (a weights_only load refuses numpy arrays), probed as numpy arrays

@@ -18,7 +18,7 @@ schedules.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -640,6 +640,7 @@ class JEPAOutput:
     pos: torch.Tensor  # (B, Lh, 2) (row, col) of each slot
     prediction: torch.Tensor  # (B, Lh, D) the predictor's output
     teacher_features: torch.Tensor  # (B, Lh, D) the teacher's features after the feature norm: the targets where is_target
+    parts: dict = field(default_factory=dict)  # name -> detached scalar: the loss's parts, where it has several (logged)
 
     @property
     def token_loss(self):  # (T,) loss of each predicted token
@@ -666,10 +667,14 @@ class IJEPA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = self.encoder_class(cfg.encoder_config())
-        self.predictor = Predictor(cfg.predictor_config(), self.student.cfg.dim)
+        self.predictor = self.make_predictor()
         self.teacher = self.encoder_class(cfg.encoder_config())
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+
+    def make_predictor(self) -> nn.Module:
+        """The predictor, built after the student (a variant that predicts something else replaces it)."""
+        return Predictor(self.cfg.predictor_config(), self.student.cfg.dim)
 
     def forward(self, batch: MaskedBatch) -> JEPAOutput:
         teacher_features = self.encode_targets(batch)  # 1. (B, Lh, D)

@@ -260,7 +260,12 @@ class BatchStream:
         return item, -1
 
     def __iter__(self):
-        groups = torch.utils.data.DataLoader(PreparedGroups(self), batch_size=None, num_workers=self.workers)
+        # A DataLoader draws a seed for its workers each time it is iterated, from torch's global
+        # generator unless it has its own. Its own keeps the global generator for the model: a
+        # resumed run, which starts iterating mid-epoch, then draws the same numbers as the run it
+        # continues (SIGReg's directions come from it). The groups never use that seed.
+        groups = torch.utils.data.DataLoader(PreparedGroups(self), batch_size=None, num_workers=self.workers,
+                                             generator=torch.Generator().manual_seed(self.seed))
         if self.packing is None:
             yield from groups
             return

@@ -31,9 +31,10 @@ import data
 import models as M
 import packing as P
 from evaluation.rankme import image_rankme, rankme
-from studies import ec_ijepa
+from studies import ec_ijepa, mae, sigreg
 
 
+METHODS = ("ijepa", "mae", "sigreg")
 DEMO_STEPS = 1200  # the demo recipe's length when no --steps, --epochs or --minutes is given (12.8 epochs)
 DEMO_OUT = "checkpoints/demo"  # where the command line writes when no --out is given
 
@@ -59,6 +60,12 @@ class TrainConfig:
                                             f"(batchnorm: statistics over every rank's batch under torchrun)")
     loss: str = option("smooth_l1", f"one of {M.LOSSES}")
     condition_encoders: bool = option(False, "train the encoder-conditioned variant (studies/ec_ijepa.py)")
+    method: str = option("ijepa", f"one of {METHODS}: I-JEPA, MAE (pixels of randomly masked patches, "
+                                  f"studies/mae.py; needs --loss mse) or a JEPA without teacher kept from collapse "
+                                  f"by SIGReg (studies/sigreg.py)")
+    mask_ratio: float = option(mae.MASK_RATIO, "--method mae: the share of patches hidden (random masking)")
+    sigreg_weight: float = option(sigreg.SIGREG_WEIGHT, "--method sigreg: lambda in (1 - lambda) prediction + lambda SIGReg")
+    sigreg_slices: int = option(sigreg.SIGREG_SLICES, "--method sigreg: random directions SIGReg tests per step")
     shift: int = option(0, "augmentation: translate each training image by up to N pixels (0: none)")
     flip: bool = option(False, "augmentation: mirror each training image left-right half of the time")
     steps: int | None = option(None, f"length of the run in steps; give one of --steps, --epochs, --minutes "
@@ -89,7 +96,13 @@ class TrainConfig:
                             loss=self.loss, predictor_dim=self.predictor_dim, predictor_depth=self.predictor_depth)
 
     def make_masking(self):
-        """The mask sampler this run trains with (models.make_masking, with num_targets for multiblock)."""
+        """The mask sampler this run trains with (models.make_masking, with num_targets for multiblock;
+        MAE's random masking for --method mae)."""
+        if self.method == "mae":
+            if (self.masking, self.num_targets) != (TrainConfig.masking, TrainConfig.num_targets):
+                raise ValueError("--method mae hides a random share of the patches (--mask-ratio); "
+                                 "--masking and --num-targets apply to the JEPAs")
+            return mae.RandomMasking(self.mask_ratio)
         if self.masking != "multiblock":
             if self.num_targets != TrainConfig.num_targets:
                 raise ValueError(f"--num-targets applies to multiblock masking only, not {self.masking!r}")
@@ -100,7 +113,13 @@ class TrainConfig:
 
 
 def build_model(cfg: TrainConfig) -> M.IJEPA:
-    """The model a config trains: I-JEPA, or its encoder-conditioned variant (studies/ec_ijepa.py)."""
+    """The model a config trains: I-JEPA, its encoder-conditioned variant (studies/ec_ijepa.py),
+    MAE (studies/mae.py) or the SIGReg JEPA (studies/sigreg.py). Each builds its student first,
+    from the same draws, so one seed gives every method the same initial encoder."""
+    if cfg.method == "mae":
+        return mae.MAE(cfg.jepa_config())
+    if cfg.method == "sigreg":
+        return sigreg.SIGRegJEPA(cfg.jepa_config(), cfg.sigreg_weight, cfg.sigreg_slices)
     return (ec_ijepa.ConditionedIJEPA if cfg.condition_encoders else M.IJEPA)(cfg.jepa_config())
 
 
@@ -125,7 +144,14 @@ RESUMABLE = {"out", "resume", "checkpoint_every", "log_every", "stop_after", "co
 def check_config(cfg: TrainConfig) -> None:
     """Raise a ValueError naming the flag and what is allowed."""
     cfg.jepa_config()  # preset, feature norm and loss names
-    cfg.make_masking()
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+    if cfg.method == "mae" and cfg.loss != "mse":
+        raise ValueError("--method mae regresses pixels with the mean squared error, as MAE does: add --loss mse")
+    if cfg.method != "ijepa" and cfg.condition_encoders:
+        raise ValueError(f"--condition-encoders conditions I-JEPA's two encoders; --method {cfg.method} has one")
+    cfg.make_masking()  # MAE's mask ratio too
+    sigreg.check_settings(cfg.sigreg_weight, cfg.sigreg_slices)
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if sum(x is not None for x in (cfg.steps, cfg.epochs, cfg.minutes)) != 1:
@@ -592,7 +618,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / dt:.0f}", refresh=False)  # drawn at the bar's interval
         if want_log and rank == 0:
             out = result.output
-            row = {"step": step, "loss": loss, **sched, "grad_norms": result.grad_norms,
+            row = {"step": step, "loss": loss, **{f"loss_{k}": float(v) for k, v in out.parts.items()},
+                   **sched, "grad_norms": result.grad_norms,
                    "rankme": image_rankme(model.teacher, rankme_images),
                    "target_token_rankme": rankme(out.teacher_features[out.is_target].detach().float()),
                    "padding": 1 - P.occupancy(batch),

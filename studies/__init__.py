@@ -3,5 +3,7 @@
     normalisation.py       loss maps, token energy and the checkerboard (Loss_Maps.ipynb)
     supervised.py          a supervised baseline for the linear probe (Linear_Probe.ipynb)
     ec_ijepa.py            encoder-conditioned I-JEPA (`train.py --condition-encoders`)
+    mae.py                 MAE on the same backbone: pixels of random patches (`train.py --method mae`)
+    sigreg.py              a JEPA without teacher, kept from collapse by SIGReg (`train.py --method sigreg`)
     official_checkpoint.py loading a released official checkpoint into models.py's modules
 """

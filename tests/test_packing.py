@@ -167,6 +167,18 @@ def test_batches_do_not_depend_on_the_number_of_workers(packed):
                        "context_sample", "hidden_patches", "hidden_sample", "is_target", "labels"))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_iterating_a_stream_leaves_torchs_global_generator_alone(workers):
+    # a resumed run starts iterating mid-epoch: the model's random draws must not depend on when
+    data = [(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)), i) for i in range(20)]
+    stream = P.BatchStream(data, M.WindowMasking(), 8, None, batch_size=8, seed=3, workers=workers)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert len(list(stream)) == 3
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_augmented_stream_is_reproducible_and_changes_only_the_images():
     data = [(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)), i) for i in range(20)]
 

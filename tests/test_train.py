@@ -30,8 +30,9 @@ def weights(model):
             for k, v in getattr(model, part).state_dict().items()}
 
 
-@pytest.mark.parametrize("variant", [dict(packing=False), dict(packing=True), dict(shift=3, flip=True)],
-                         ids=["batches", "packing", "augmented"])
+@pytest.mark.parametrize("variant", [dict(packing=False), dict(packing=True), dict(shift=3, flip=True),
+                                     dict(method="mae", loss="mse"), dict(method="sigreg", sigreg_slices=16)],
+                         ids=["batches", "packing", "augmented", "mae", "sigreg"])
 def test_resume_gives_identical_weights(tmp_path, variant):
     one = T.train(T.TrainConfig(steps=8, out=str(tmp_path / "one"), **variant, **TINY), progress=False)
     T.train(T.TrainConfig(steps=8, out=str(tmp_path / "two"), stop_after=4, **variant, **TINY), progress=False)
@@ -249,6 +250,17 @@ def test_training_lowers_the_loss():
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3
 
 
+def test_mae_and_the_sigreg_jepa_lower_their_losses():
+    # MAE: predicting 0 (each patch's mean) scores about 1 on normalised pixels; learning goes below
+    mae = [row["loss"] for row in T.train(T.TrainConfig(steps=30, method="mae", loss="mse", **TINY), progress=False).log]
+    assert sum(mae[:3]) / 3 > 0.9 and sum(mae[-5:]) / 5 < 0.85 * sum(mae[:3]) / 3
+    # SIGReg: both parts are logged, and the regulariser falls from its start (every token alike)
+    log = T.train(T.TrainConfig(steps=30, method="sigreg", sigreg_slices=32, **TINY), progress=False).log
+    sig = [row["loss_sigreg"] for row in log]
+    assert {"loss_prediction", "loss_sigreg"} <= set(log[0]) and sum(sig[-5:]) / 5 < 0.5 * sum(sig[:3]) / 3
+    assert sum(r["loss"] for r in log[-5:]) < 0.5 * sum(r["loss"] for r in log[:5])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "huge"], "unknown preset 'huge'"),
     (["--masking", "random"], "unknown masking 'random'"),
@@ -284,6 +296,7 @@ def test_every_config_field_is_a_flag_and_no_flags_give_the_demo_recipe(tmp_path
         "--dataset", "cifar10", "--num-images", "100", "--resolution", "96", "--model", "tiny",
         "--predictor-dim", "96", "--predictor-depth", "2", "--patch-size", "16", "--masking", "multiblock",
         "--num-targets", "2", "--packing", "--feature-norm", "batchnorm", "--loss", "mse", "--condition-encoders",
+        "--method", "ijepa", "--mask-ratio", "0.6", "--sigreg-weight", "0.1", "--sigreg-slices", "64",
         "--shift", "3", "--flip", "--steps", "7", "--batch-size", "32", "--lr", "0.001", "--warmup", "0.2",
         "--weight-decay", "0.1", "0.3", "--ema", "0.99", "1", "--grad-clip", "1.5", "--seed", "4", "--out", "x",
         "--checkpoint-every", "9", "--log-every", "3", "--stop-after", "5", "--compile", "--device", "cpu",
@@ -291,7 +304,8 @@ def test_every_config_field_is_a_flag_and_no_flags_give_the_demo_recipe(tmp_path
     assert everything == T.TrainConfig(
         dataset="cifar10", num_images=100, resolution=96, model="tiny", predictor_dim=96, predictor_depth=2,
         patch_size=16, masking="multiblock", num_targets=2, packing=True, feature_norm="batchnorm", loss="mse",
-        condition_encoders=True, shift=3, flip=True, steps=7, batch_size=32, lr=0.001, warmup=0.2,
+        condition_encoders=True, method="ijepa", mask_ratio=0.6, sigreg_weight=0.1, sigreg_slices=64,
+        shift=3, flip=True, steps=7, batch_size=32, lr=0.001, warmup=0.2,
         weight_decay=(0.1, 0.3), ema=(0.99, 1.0), grad_clip=1.5, seed=4, out="x", checkpoint_every=9, log_every=3,
         stop_after=5, compile=True, device="cpu", workers=2)
     assert type(everything.predictor_dim) is int and type(everything.lr) is float and type(everything.ema[1]) is float
