@@ -453,17 +453,17 @@ def draw_predictions(queries: Patches, predicted: Predicted, gallery: Patches, r
     return _save(fig, path)
 
 
-def draw_decoded(queries: Patches, predicted: Predicted, decoded: torch.Tensor, decoded_truth: torch.Tensor, path=None,
-                 rows: int = FIGURE_ROWS):
-    """The decoder's pictures, one column per image: the original; the targets decoded from the
-    predictions; the targets decoded from the teacher's own features there (the decoder's best
-    case). Outside the targets, the context as the student saw it. decoded, decoded_truth (Q, C*p*p)."""
+def draw_decoded(queries: Patches, predicted: Predicted, decoded: dict, path=None, rows: int = FIGURE_ROWS):
+    """The decoder's pictures, one column per image: the original, then one row per entry of
+    `decoded` (row label -> (Q, C*p*p) pixels at the targets, e.g. decoded from the predictions, from
+    the position-only baseline, from the teacher's own features: the decoder's best case). Outside
+    the targets, the context as the student saw it."""
     cols = min(rows, len(queries.features))
     target = predicted.is_target()
     shown = predicted.image < cols
-    labels = ["original", "targets decoded\nfrom predictions", "targets decoded from\nteacher features"]
+    labels = ["original", *decoded]
     fig, axes = _new_figure(len(labels), cols)
-    for source, row in ((decoded, 1), (decoded_truth, 2)):
+    for row, source in enumerate(decoded.values(), start=1):
         filled = torch.zeros_like(queries.pixels[:cols])
         filled[predicted.image[shown], predicted.index[shown]] = source[shown].clamp(0, 1)
         for i in range(cols):
@@ -478,27 +478,57 @@ def draw_decoded(queries: Patches, predicted: Predicted, decoded: torch.Tensor, 
     return _save(fig, path)
 
 
-def draw_pca(queries: Patches, predicted: Predicted, fit_features: torch.Tensor, path=None, rows: int = FIGURE_ROWS):
+def draw_pca(queries: Patches, predicted: Predicted, fit_features: torch.Tensor, predictions: dict, path=None,
+             rows: int = FIGURE_ROWS, teacher_label: str = "teacher features\n(whole image)"):
     """PCA colours, one column per image: the original; the teacher's features of the whole image;
-    the predictions at the targets (grey elsewhere), both on the same 3 components fitted on
-    fit_features (n, D), teacher features of training images."""
+    then one row per entry of `predictions` (row label -> (Q, D) features at `predicted`'s targets,
+    grey elsewhere: the predictions, the position-only baseline), all on the same 3 components
+    fitted on fit_features (n, D), teacher features of training images."""
     cols = min(rows, len(queries.features))
-    teacher, prediction = pca_colours(fit_features, queries.features[:cols], predicted.features)
+    teacher, *predicted_colours = pca_colours(fit_features, queries.features[:cols], *predictions.values())
     h, w = queries.grid
-    predicted_map = torch.full((cols, h * w, 3), 0.5)
     shown = predicted.image < cols
-    predicted_map[predicted.image[shown], predicted.index[shown]] = prediction[shown]
-    labels = ["original", "teacher features\n(whole image)", "predictions\n(targets)"]
+    labels = ["original", teacher_label, *predictions]
     fig, axes = _new_figure(len(labels), cols)
     for i in range(cols):
         axes[0, i].imshow(_picture(queries.pixels[i], queries.grid))
         axes[1, i].imshow(teacher[i].reshape(h, w, 3).numpy(), interpolation="nearest")
-        axes[2, i].imshow(predicted_map[i].reshape(h, w, 3).numpy(), interpolation="nearest")
+    for row, colours in enumerate(predicted_colours, start=2):
+        coloured = torch.full((cols, h * w, 3), 0.5)
+        coloured[predicted.image[shown], predicted.index[shown]] = colours[shown]
+        for i in range(cols):
+            axes[row, i].imshow(coloured[i].reshape(h, w, 3).numpy(), interpolation="nearest")
     for row, label in enumerate(labels):
         axes[row, 0].set_ylabel(label, fontsize=8)
     fig.suptitle("teacher and predicted features on the same 3 principal components (fitted on teacher features "
                  "of training images), as RGB", fontsize=9)
     return _save(fig, path)
+
+
+def draw_all(evaluated: dict, summary: dict, out: str, rows: int = FIGURE_ROWS) -> list:
+    """The three figures of the trained model into `out`, each with the position-only baseline
+    beside it where it has one and the metric it illustrates in its labels; returns their paths."""
+    t, position = evaluated["trained"], evaluated["position_only"]
+    metrics = summary["metrics"]
+    paths = [os.path.join(out, name) for name in
+             ("ijepa_predictions.png", "ijepa_predictions_decoded.png", "ijepa_predictions_pca.png")]
+    top1, region = metrics["trained"]["top1"]["mean"], metrics["trained"].get("same_region", {}).get("mean")
+    said = f"retrieval top-1 {top1:.3f}" + (f", same kind of region {region:.3f}" if region is not None else "")
+    draw_predictions(t.queries, t.predicted, t.gallery, t.measured.retrieved, paths[0], rows, title=(
+        f"each predicted token replaced by the gallery patch whose teacher feature is cosine-nearest ({said}, "
+        f"over all {summary['num_images']} images)\n(own image excluded; yellow: the block; dark grey: targets, "
+        f"light grey: patches nobody uses)"))
+    mse = {name: metrics[name]["pixel_mse"]["mean"] for name in ("trained", "position_only")}
+    best = summary["decoder_on_teacher_features"]["trained"]["mean"]
+    draw_decoded(t.queries, t.predicted, {
+        f"decoded from\npredictions\n(MSE {mse['trained']:.4f})": t.measured.decoded,
+        f"decoded from\nposition only\n(MSE {mse['position_only']:.4f})": position.measured.decoded,
+        f"decoded from\nteacher features\n(MSE {best:.4f})": t.decoded_truth}, paths[1], rows)
+    cosine = {name: metrics[name]["cosine"]["mean"] for name in ("trained", "position_only")}
+    draw_pca(t.queries, t.predicted, t.train.features.flatten(0, 1), {
+        f"predictions\n(cosine {cosine['trained']:.3f})": t.predicted.features,
+        f"position only\n(cosine {cosine['position_only']:.3f})": position.predicted.features}, paths[2], rows)
+    return paths
 
 
 # -----------------------------------------------------------------------------------------------
@@ -617,13 +647,6 @@ def run(checkpoint: str, dataset: str = "scenes", num_images: int = NUM_IMAGES, 
     t = evaluated["trained"]  # the baseline lives in the trained teacher's feature space, with its decoder
     evaluated["position_only"] = position_only(t)
     measured = {name: evaluated[name].measured for name in MODELS}
-    figures = []
-    if out:
-        figures = [os.path.join(out, name) for name in
-                   ("ijepa_predictions.png", "ijepa_predictions_decoded.png", "ijepa_predictions_pca.png")]
-        draw_predictions(t.queries, t.predicted, t.gallery, t.measured.retrieved, figures[0], figure_rows)
-        draw_decoded(t.queries, t.predicted, t.measured.decoded, t.decoded_truth, figures[1], figure_rows)
-        draw_pca(t.queries, t.predicted, t.train.features.flatten(0, 1), figures[2], figure_rows)
     decoder_best = {}
     for name in models:
         e = evaluated[name]
@@ -636,8 +659,10 @@ def run(checkpoint: str, dataset: str = "scenes", num_images: int = NUM_IMAGES, 
                "metrics": {name: summarise(measured[name]) for name in MODELS},
                "trained_minus": {other: paired_difference(measured["trained"], measured[other])
                                  for other in ("random_init", "position_only")},
-               "decoder_on_teacher_features": decoder_best, "notes": notes, "figures": figures,
-               "seconds": time.perf_counter() - start}
+               "decoder_on_teacher_features": decoder_best, "notes": notes, "figures": []}
+    if out:
+        summary["figures"] = draw_all(evaluated, summary, out, figure_rows)
+    summary["seconds"] = time.perf_counter() - start
     return Result(summary, evaluated, models, cfg)
 
 

@@ -5,7 +5,7 @@ maps its flags onto that config. Per step: a batch (ordinary or packed) from `pa
 then `training_step` (forward, backward, AdamW, EMA) with the schedules below, pure functions of
 the optimiser step.
 
-    python train.py                                   # demo recipe: 1,200 steps, 10-15 minutes on 2 CPU cores -> checkpoints/demo/
+    python train.py                                   # demo recipe: 1,200 steps, about 17 minutes on 2 CPU cores -> checkpoints/demo/
     python train.py --steps 200 --out checkpoints/run1
     python train.py --steps 400 --out checkpoints/run1 --resume
     python train.py --dataset data/digits             # a folder of images: the folder recipe, printed (folder_recipe)

@@ -6,7 +6,7 @@ chosen on validation) on held-out images for each label, for: the teacher, the s
 network at its exact initial weights, and raw pixels. A falling loss proves nothing; only the
 probe against these baselines says whether the encoder learned something.
 
-    python benchmarks/learning.py                  # the demo recipe: 1,200 steps, 10-15 minutes here
+    python benchmarks/learning.py                  # the demo recipe: 1,200 steps, about 17 minutes here
     python benchmarks/learning.py --minutes 3 --json   # a time budget instead of a number of steps
     python benchmarks/learning.py --set batch_size=64 lr=3e-3 --labels shape --no-pixels   # try a change
     python benchmarks/learning.py --set steps=600 --labels shape   # another length
