@@ -480,7 +480,7 @@ class TrainResult:
     losses: list  # the loss of every step of this invocation
     steps: int  # the step reached
     total_steps: int  # the schedules' length (with --minutes, the final estimate: = steps)
-    seconds: float
+    seconds: float  # this invocation's wall-clock time (the log's "seconds" counts the whole run, over resumes)
     config: TrainConfig
 
 
@@ -513,6 +513,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     rankme_images = torch.stack([dataset[i][0] for i in range(min(RANKME_IMAGES, len(dataset)))]).to(device)
     stream = build_stream(cfg, dataset, rank, world)
     step, epoch, in_epoch, total = 0, 0, 0, None
+    seconds_before = 0.0  # the run's training time before this invocation (a resumed run's earlier segments)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt") if cfg.out else None
     log_path = os.path.join(cfg.out, "log.jsonl") if cfg.out else None
     if cfg.out and rank == 0:
@@ -537,6 +538,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, epoch, in_epoch, total = ckpt["step"], ckpt["epoch"], ckpt["in_epoch"], ckpt["total_steps"]
         torch.set_rng_state(ckpt["rng"])
+        seconds_before = ckpt.get("seconds", 0.0)  # older checkpoints did not count it
     elif log_path and rank == 0 and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
 
@@ -550,7 +552,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         return {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
                 "predictor": model.predictor.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": step, "epoch": epoch, "in_epoch": in_epoch, "total_steps": total, "world": world,
-                "config": {k: _plain(v) for k, v in asdict(cfg).items()}, "rng": torch.get_rng_state()}
+                "config": {k: _plain(v) for k, v in asdict(cfg).items()}, "rng": torch.get_rng_state(),
+                "seconds": seconds_before + time.perf_counter() - start}
 
     if total is None and cfg.steps is not None:
         total = cfg.steps
@@ -623,7 +626,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                    "rankme": image_rankme(model.teacher, rankme_images),
                    "target_token_rankme": rankme(out.teacher_features[out.is_target].detach().float()),
                    "padding": 1 - P.occupancy(batch),
-                   "images_per_s": images / dt, "images": images, "seconds": time.perf_counter() - start}
+                   "images_per_s": images / dt, "images": images,
+                   "seconds": seconds_before + time.perf_counter() - start}  # the whole run's, over resumes
             log.append(row)
             if log_path:
                 with open(log_path, "a") as f:

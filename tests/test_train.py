@@ -42,8 +42,11 @@ def test_resume_gives_identical_weights(tmp_path, variant):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ckpt = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 8 and not os.path.exists(tmp_path / "two" / "checkpoint.pt.tmp")
-    rows = [line for line in open(tmp_path / "two" / "log.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
     assert len(rows) == 8  # steps 1..4 then 5..8, one row per step at log_every=1
+    # the logged time is the whole run's: the resumed segment counts on from the first one's
+    seconds = [row["seconds"] for row in rows]
+    assert seconds == sorted(seconds) and ckpt["seconds"] >= seconds[-1] > seconds[3] > 0
 
 
 def test_checkpoint_or_train_finishes_a_stopped_run_and_then_leaves_it_alone(tmp_path, capsys):
