@@ -69,6 +69,9 @@ def main():
                     "(default 1: all tokens; 4 keeps where things are, what a digit's class depends on)")
     ap.add_argument("--checkpoint", help="probe this checkpoint of train.py instead of training one")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--record", metavar="FILE", help="also keep this run in FILE (a JSON object of runs, by --name), "
+                    "with the command that made it: benchmarks/methods.py reads such a file")
+    ap.add_argument("--name", help="the run's name in --record's file (default: made from --set and --seed)")
     args = ap.parse_args()
 
     scratch = None  # without --out, the new checkpoint goes into a temporary folder
@@ -103,9 +106,10 @@ def main():
                           cfg.seed, progress=not args.json)
     table = {}
     for label, r in results.items():
-        row = {"chance": r["chance"]}
+        row = {"chance": r["chance"], "n_test": r["n_test"]}
         for name in ("teacher", "student", "random_init"):
             row[name], row[f"{name}_layer"] = r[name]["best_top1"], r[name]["best_layer"]
+            row[f"{name}_val"] = r[name]["best_val_top1"]  # the best layer's validation accuracy: what a sweep may choose by
         row["pixels"] = r["pixels"]["best_top1"] if "pixels" in r else None
         row["stderr"] = ST.standard_error(max(row["teacher"], row["student"]), r["n_test"])
         table[label] = row
@@ -132,10 +136,27 @@ def main():
         "standard error 0: every test image right"  # an accuracy of 1 has no binomial spread
     print(f"{label}: best of teacher/student minus random init = {gain * 100:+.1f} points ({in_se})"
           + ("" if row["pixels"] is None else f"; minus pixels = {(best - row['pixels']) * 100:+.1f} points"))
+    summary = {**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},
+               "minutes": round(minutes, 4), "train_minutes": round(seconds / 60, 4), "steps": steps,
+               "total_steps": total}
     if args.json:
-        print(json.dumps({**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},
-                          "minutes": round(minutes, 4), "train_minutes": round(seconds / 60, 4), "steps": steps,
-                          "total_steps": total}))
+        print(json.dumps(summary))
+    if args.record:
+        name = args.name or "-".join([*args.set, f"seed{args.seed}"])
+        record(args.record, name, {**summary, "method": cfg.method, "changes": recipe_changes(args.set),
+                                   "seed": cfg.seed, "checkpoint": args.checkpoint,
+                                   "command": " ".join(["python", "benchmarks/learning.py", *sys.argv[1:]])})
+        print(f"recorded as {name!r} in {args.record}", file=sys.stderr)  # stdout ends with the JSON
+
+
+def record(path: str, name: str, run: dict) -> None:
+    """Add (or replace) run `name` in the JSON object of runs at `path`, written atomically."""
+    runs = json.load(open(path)) if os.path.exists(path) else {}
+    runs[name] = run
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(runs, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def probe_features(train_layers: list, train_y, test_layers: list, test_y, seed:
     `prepared`: prepare_encoder's output for these layers, made once for several labels."""
     prepared = prepared or prepare_encoder(train_layers, test_layers, seed, concat_last)
     best = probe_best_layer(train_layers, train_y, test_layers, test_y, prepared=prepared["layers"])
-    out = {"best_top1": best.result.top1, "best_layer": best.layer, "macro_f1": best.result.macro_f1,
+    out = {"best_top1": best.result.top1, "best_layer": best.layer, "best_val_top1": best.val_by_layer[best.layer - 1],
+           "macro_f1": best.result.macro_f1,
            "per_layer_top1": best.test_by_layer, "predictions": best.result.predictions,
            "stderr": standard_error(best.result.top1, len(test_y))}
     if "concat" in prepared:

@@ -21,7 +21,7 @@ import data
 import evaluation.logistic as LR
 import evaluation.stats as ST
 import models as M
-from benchmarks import dataset_speed, digits_folder, learning, probe_agreement, probe_speed, train_step
+from benchmarks import dataset_speed, digits_folder, learning, methods, probe_agreement, probe_speed, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +85,8 @@ def test_a_fixed_length_run_prints_the_json_table_and_leaves_no_files(tmp_path):
     scratch = tmp_path / "tmp"  # the run's temporary folder goes here, and must be empty again at the end
     scratch.mkdir()
     out = run("learning.py", "--set", *tiny, "--probe-train", 160, "--probe-test", 80, "--labels", "shape",
-              "--no-pixels", "--json", env={**os.environ, "TMPDIR": str(scratch)})
+              "--no-pixels", "--json", "--record", tmp_path / "runs.json", "--name", "ijepa-seed0",
+              env={**os.environ, "TMPDIR": str(scratch)})
     left = [p.name for p in scratch.iterdir() if p.name.startswith("learning-")]  # (torch may add its own cache folder)
     assert left == [], f"learning.py without --out left its checkpoint behind: {left}"
     result = last_json(out)
@@ -99,7 +100,64 @@ def test_a_fixed_length_run_prints_the_json_table_and_leaves_no_files(tmp_path):
         assert_counts(shape[key], 80)
         assert 1 <= shape[f"{key}_layer"] <= 5  # micro: 4 blocks and the final norm
     assert shape["stderr"] == round(ST.standard_error(max(shape["teacher"], shape["student"]), 80), 4)
-    assert shape["pixels"] is None
+    assert shape["pixels"] is None and shape["n_test"] == 80 and 0 <= shape["teacher_val"] <= 1
+    # --record keeps the same numbers, with what made them
+    recorded = json.loads((tmp_path / "runs.json").read_text())["ijepa-seed0"]
+    assert recorded["shape"] == shape and recorded["method"] == "ijepa" and recorded["seed"] == 0
+    assert recorded["command"].startswith("python benchmarks/learning.py --set num_images=64")
+    assert recorded["changes"] == {"num_images": 64, "resolution": 32, "batch_size": 16, "steps": 2, "log_every": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# methods.py
+
+
+def method_run(method, seed, val, test, n_test=2000, labels=("shape", "count", "distance")):
+    # a run as learning.py --record writes it, reduced to what methods.py reads
+    return {"method": method, "seed": seed,
+            **{label: {"teacher": test, "teacher_val": val, "n_test": n_test} for label in labels}}
+
+
+def test_methods_keeps_the_sweep_setting_of_best_validation_and_judges_by_both_seeds():
+    runs = {
+        # the sweep: validation decides, whatever the test accuracy says
+        "mae-sweep-r0.6": method_run("mae", 0, val=0.50, test=0.60),
+        "mae-sweep-r0.75": method_run("mae", 0, val=0.55, test=0.40),
+        "ijepa-seed0": method_run("ijepa", 0, val=0.5, test=0.50),
+        "ijepa-seed1": method_run("ijepa", 1, val=0.5, test=0.50),
+        # seed 0 and 1 both 10 points below: se of the difference is about 1.6 points, so both "worse"
+        "mae-seed0": method_run("mae", 0, val=0.4, test=0.40),
+        "mae-seed1": method_run("mae", 1, val=0.4, test=0.40),
+        # better on seed 0 only: the seeds disagree
+        "sigreg-seed0": method_run("sigreg", 0, val=0.6, test=0.60),
+        "sigreg-seed1": method_run("sigreg", 1, val=0.5, test=0.51),
+    }
+    sweep = methods.sweeps(runs)
+    assert sweep == {"mae": {"runs": {"mae-sweep-r0.6": 0.5, "mae-sweep-r0.75": 0.55}, "kept": "mae-sweep-r0.75"}}
+    v = methods.verdicts(runs)
+    assert set(v) == {"mae", "sigreg"}
+    assert v["mae"]["shape"]["verdict"] == "worse"
+    assert v["mae"]["shape"]["per_seed"][0]["z"] == pytest.approx(
+        -0.1 / np.hypot(ST.standard_error(0.4, 2000), ST.standard_error(0.5, 2000)))
+    assert v["sigreg"]["count"]["per_seed"][0]["verdict"] == "better"
+    assert v["sigreg"]["count"]["verdict"] == "no difference the seeds agree on"
+    # one seed alone never makes a verdict
+    alone = {k: r for k, r in runs.items() if not k.endswith("seed1")}
+    assert methods.verdicts(alone)["mae"]["shape"]["verdict"] == "no difference the seeds agree on"
+
+
+def test_methods_command_prints_the_sweep_and_the_verdicts(tmp_path, capsys):
+    runs = {"ijepa-seed0": method_run("ijepa", 0, 0.5, 0.5), "ijepa-seed1": method_run("ijepa", 1, 0.5, 0.5),
+            "mae-seed0": method_run("mae", 0, 0.4, 0.4), "mae-seed1": method_run("mae", 1, 0.4, 0.4),
+            "mae-sweep-a": method_run("mae", 0, 0.3, 0.3)}
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(runs))
+    assert methods.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "mae-sweep-a" in out and "<- kept" in out
+    assert "shape     seed 0: mae 0.400 vs ijepa 0.500: -10.0 points" in out and "shape     verdict: worse" in out
+    assert methods.main([str(tmp_path / "none.json")]) == 1
+    assert "record runs with benchmarks/learning.py --record" in capsys.readouterr().err
 
 
 @pytest.mark.slow
