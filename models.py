@@ -48,6 +48,9 @@ PRESETS = {
 }
 FEATURE_NORMS = ("layernorm", "dyntanh", "batchnorm", "none")
 LOSSES = ("smooth_l1", "mse")
+# What follows the predictor's output projection (section 6): nothing (as released), a trainable
+# LayerNorm, a parameter-free one, or a parameter-free one after a trainable one.
+PREDICTOR_NORMS = ("none", "layernorm", "free", "layernorm-free")
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,13 @@ class JEPAConfig:
     predictor_depth: int | None = None
     feature_norm: str = "layernorm"  # one of FEATURE_NORMS
     loss: str = "smooth_l1"  # one of LOSSES
+    predictor_norm: str = "none"  # one of PREDICTOR_NORMS
 
     def __post_init__(self):
         if self.model not in PRESETS:
             raise ValueError(f"unknown preset {self.model!r}; choose one of {sorted(PRESETS)}")
+        if self.predictor_norm not in PREDICTOR_NORMS:
+            raise ValueError(f"unknown predictor norm {self.predictor_norm!r}; choose one of {PREDICTOR_NORMS}")
         if self.feature_norm not in FEATURE_NORMS:
             raise ValueError(f"unknown feature norm {self.feature_norm!r}; choose one of {FEATURE_NORMS}")
         if self.loss not in LOSSES:
@@ -234,7 +240,7 @@ def init_weights(module: nn.Module, blocks: nn.ModuleList) -> None:
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:  # a parameter-free one has nothing to set
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     with torch.no_grad():
@@ -363,6 +369,17 @@ def apply_feature_norm(features: torch.Tensor, valid: torch.Tensor, feature_norm
 # 6. The predictor
 
 
+def predictor_norm_layer(name: str, dim: int) -> nn.Module:
+    """The layer after the predictor's output projection, for PREDICTOR_NORMS' `name`."""
+    if name == "layernorm":
+        return nn.LayerNorm(dim, eps=1e-6)  # trainable scale and shift
+    if name == "free":
+        return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)  # every prediction: mean 0, variance 1
+    if name == "layernorm-free":  # a parameter-free LayerNorm on an output a trainable one already normalised
+        return nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False))
+    return nn.Identity()
+
+
 class Predictor(nn.Module):
     """Narrow ViT that predicts the teacher's features at the target positions from the context.
 
@@ -370,10 +387,11 @@ class Predictor(nn.Module):
     (-1 where nothing is to be predicted). Each query slot starts as the shared learned mask token
     plus the sin-cos embedding of its position; all queries of an image are predicted in one pass,
     attending to that image's context and its other mask tokens.
-    Returns predictions (B, Lq, D), at the query slots only.
+    Returns predictions (B, Lq, D), at the query slots only; `out_norm` (PREDICTOR_NORMS) says what
+    normalises them after the output projection (none, as released).
     """
 
-    def __init__(self, cfg: ViTConfig, encoder_dim: int):
+    def __init__(self, cfg: ViTConfig, encoder_dim: int, out_norm: str = "none"):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Linear(encoder_dim, cfg.dim)
@@ -381,6 +399,7 @@ class Predictor(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.proj = nn.Linear(cfg.dim, encoder_dim)
+        self.out_norm = predictor_norm_layer(out_norm, encoder_dim)
         init_weights(self, self.blocks)
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
 
@@ -392,7 +411,7 @@ class Predictor(nn.Module):
         mask = attention_mask(torch.cat([context_sample, query_sample], dim=1))
         for block in self.blocks:
             x = block(x, mask)
-        return self.proj(self.norm(x[:, Lc:]))  # (B, Lq, D)
+        return self.out_norm(self.proj(self.norm(x[:, Lc:])))  # (B, Lq, D)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -674,7 +693,7 @@ class IJEPA(nn.Module):
 
     def make_predictor(self) -> nn.Module:
         """The predictor, built after the student (a variant that predicts something else replaces it)."""
-        return Predictor(self.cfg.predictor_config(), self.student.cfg.dim)
+        return Predictor(self.cfg.predictor_config(), self.student.cfg.dim, self.cfg.predictor_norm)
 
     def forward(self, batch: MaskedBatch) -> JEPAOutput:
         teacher_features = self.encode_targets(batch)  # 1. (B, Lh, D)

@@ -59,6 +59,8 @@ class TrainConfig:
     feature_norm: str = option("layernorm", f"one of {M.FEATURE_NORMS}, the normalisation of the targets "
                                             f"(batchnorm: statistics over every rank's batch under torchrun)")
     loss: str = option("smooth_l1", f"one of {M.LOSSES}")
+    predictor_norm: str = option("none", f"one of {M.PREDICTOR_NORMS}: what normalises the predictor's output "
+                                         f"(none, as released; layernorm: trainable; free: without parameters)")
     condition_encoders: bool = option(False, "train the encoder-conditioned variant (studies/ec_ijepa.py)")
     method: str = option("ijepa", f"one of {METHODS}: I-JEPA, MAE (pixels of randomly masked patches, "
                                   f"studies/mae.py; needs --loss mse) or a JEPA without teacher kept from collapse "
@@ -93,7 +95,8 @@ class TrainConfig:
 
     def jepa_config(self) -> M.JEPAConfig:
         return M.JEPAConfig(model=self.model, patch_size=self.patch_size, feature_norm=self.feature_norm,
-                            loss=self.loss, predictor_dim=self.predictor_dim, predictor_depth=self.predictor_depth)
+                            loss=self.loss, predictor_dim=self.predictor_dim, predictor_depth=self.predictor_depth,
+                            predictor_norm=self.predictor_norm)
 
     def make_masking(self):
         """The mask sampler this run trains with (models.make_masking, with num_targets for multiblock;
@@ -148,6 +151,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
     if cfg.method == "mae" and cfg.loss != "mse":
         raise ValueError("--method mae regresses pixels with the mean squared error, as MAE does: add --loss mse")
+    if cfg.method == "mae" and cfg.predictor_norm != "none":
+        raise ValueError("--predictor-norm normalises predicted features; MAE's decoder predicts pixels")
+    if not all(0 <= m <= 1 for m in cfg.ema):
+        raise ValueError(f"--ema momenta must be from 0 to 1 (0: the teacher is the student, 1: it never moves), "
+                         f"got {cfg.ema}")
     if cfg.method != "ijepa" and cfg.condition_encoders:
         raise ValueError(f"--condition-encoders conditions I-JEPA's two encoders; --method {cfg.method} has one")
     cfg.make_masking()  # MAE's mask ratio too
@@ -621,10 +629,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / dt:.0f}", refresh=False)  # drawn at the bar's interval
         if want_log and rank == 0:
             out = result.output
+            targets = out.teacher_features[out.is_target].detach().float()  # (T, D) this step's regression targets
             row = {"step": step, "loss": loss, **{f"loss_{k}": float(v) for k, v in out.parts.items()},
                    **sched, "grad_norms": result.grad_norms,
                    "rankme": image_rankme(model.teacher, rankme_images),
-                   "target_token_rankme": rankme(out.teacher_features[out.is_target].detach().float()),
+                   "target_token_rankme": rankme(targets),
+                   # collapse shows here first: every target alike (std over tokens -> 0), or all of them small
+                   "target_std": float(targets.std(0).mean()), "target_norm": float(targets.norm(dim=1).mean()),
                    "padding": 1 - P.occupancy(batch),
                    "images_per_s": images / dt, "images": images,
                    "seconds": seconds_before + time.perf_counter() - start}  # the whole run's, over resumes

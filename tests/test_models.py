@@ -420,3 +420,21 @@ def test_bad_input_errors():
         M.JEPAConfig(feature_norm="rms")
     with pytest.raises(ValueError, match="unknown loss 'l1'"):
         M.JEPAConfig(loss="l1")
+
+
+@pytest.mark.parametrize("norm", M.PREDICTOR_NORMS)
+def test_the_predictor_output_norm_is_what_it_says(norm):
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig(predictor_norm=norm))
+    batch = M.mask_images(torch.rand(3, 3, 32, 32), 8, M.make_masking("multiblock"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in model.predictor.out_norm.parameters():  # trainable scale and shift away from 1 and 0
+            p.add_(0.5)
+        out = model(batch).prediction[batch.is_target]  # (T, 128)
+    trainable = sum(p.numel() for p in model.predictor.out_norm.parameters())
+    mean, std = out.mean(-1), out.std(-1, unbiased=False)
+    if norm in ("free", "layernorm-free"):  # a parameter-free norm last: every prediction has mean 0, std 1
+        assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-5) and torch.allclose(std, torch.ones_like(std), atol=1e-3)
+    else:  # no norm, or a trainable one whose scale and shift move the statistics
+        assert not torch.allclose(std, torch.ones_like(std), atol=1e-2)
+    assert trainable == {"none": 0, "free": 0, "layernorm": 2 * 128, "layernorm-free": 2 * 128}[norm]

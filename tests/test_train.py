@@ -180,6 +180,19 @@ def test_log_rows_hold_the_health_signals(tmp_path):
         direct = RM.rankme(result.model.teacher.eval().encode(images).mean(1))
     assert rows[-1]["step"] == 3 and rows[-1]["rankme"] == pytest.approx(direct, rel=1e-4)
     assert 1.0 <= direct <= 48
+    # LayerNorm targets: every token has mean 0 and variance 1 over its 128 channels, so norm sqrt(128)
+    assert rows[0]["target_norm"] == pytest.approx(128 ** 0.5, rel=1e-3) and 0 < rows[0]["target_std"] < 2
+
+
+def test_a_fixed_momentum_of_0_makes_the_teacher_the_student_and_1_keeps_it_at_its_start():
+    copied = T.train(T.TrainConfig(steps=3, ema=(0.0, 0.0), **TINY), progress=False).model
+    student, teacher = copied.student.state_dict(), copied.teacher.state_dict()
+    assert all(torch.equal(student[k], teacher[k]) for k in student)
+    cfg = T.TrainConfig(steps=3, ema=(1.0, 1.0), **TINY)
+    frozen = T.train(cfg, progress=False).model
+    start = T.initial_model(cfg).teacher.state_dict()
+    assert all(torch.equal(frozen.teacher.state_dict()[k], start[k]) for k in start)
+    assert not torch.equal(frozen.student.state_dict()["patch_embed.weight"], start["patch_embed.weight"])
 
 
 def test_resume_refuses_another_config_and_a_truncated_file(tmp_path):
@@ -277,6 +290,9 @@ def test_mae_and_the_sigreg_jepa_lower_their_losses():
     (["--predictor-depth", "0"], "predictor_depth=0: must be at least 1"),
     (["--predictor-dim", "90"], "predictor_dim=90: must be a positive multiple of 4"),
     (["--num-targets", "0"], "--num-targets must be at least 1, got 0"),
+    (["--ema", "0.5", "1.5"], "--ema momenta must be from 0 to 1"),
+    (["--predictor-norm", "rms"], "unknown predictor norm 'rms'"),
+    (["--method", "mae", "--loss", "mse", "--predictor-norm", "free"], "MAE's decoder predicts pixels"),
     (["--num-targets", "2", "--masking", "window"], "--num-targets applies to multiblock masking only, not 'window'"),
     (["--shift", "-1"], "--shift must be from 0 to less than half the resolution (32), got -1"),
     (["--shift", "16", "--resolution", "32", "--patch-size", "4"], "less than half the resolution (16), got 16"),
@@ -299,7 +315,7 @@ def test_every_config_field_is_a_flag_and_no_flags_give_the_demo_recipe(tmp_path
         "--dataset", "cifar10", "--num-images", "100", "--resolution", "96", "--model", "tiny",
         "--predictor-dim", "96", "--predictor-depth", "2", "--patch-size", "16", "--masking", "multiblock",
         "--num-targets", "2", "--packing", "--feature-norm", "batchnorm", "--loss", "mse", "--condition-encoders",
-        "--method", "ijepa", "--mask-ratio", "0.6", "--sigreg-weight", "0.1", "--sigreg-slices", "64",
+        "--predictor-norm", "layernorm", "--method", "ijepa", "--mask-ratio", "0.6", "--sigreg-weight", "0.1", "--sigreg-slices", "64",
         "--shift", "3", "--flip", "--steps", "7", "--batch-size", "32", "--lr", "0.001", "--warmup", "0.2",
         "--weight-decay", "0.1", "0.3", "--ema", "0.99", "1", "--grad-clip", "1.5", "--seed", "4", "--out", "x",
         "--checkpoint-every", "9", "--log-every", "3", "--stop-after", "5", "--compile", "--device", "cpu",
@@ -307,7 +323,7 @@ def test_every_config_field_is_a_flag_and_no_flags_give_the_demo_recipe(tmp_path
     assert everything == T.TrainConfig(
         dataset="cifar10", num_images=100, resolution=96, model="tiny", predictor_dim=96, predictor_depth=2,
         patch_size=16, masking="multiblock", num_targets=2, packing=True, feature_norm="batchnorm", loss="mse",
-        condition_encoders=True, method="ijepa", mask_ratio=0.6, sigreg_weight=0.1, sigreg_slices=64,
+        condition_encoders=True, predictor_norm="layernorm", method="ijepa", mask_ratio=0.6, sigreg_weight=0.1, sigreg_slices=64,
         shift=3, flip=True, steps=7, batch_size=32, lr=0.001, warmup=0.2,
         weight_decay=(0.1, 0.3), ema=(0.99, 1.0), grad_clip=1.5, seed=4, out="x", checkpoint_every=9, log_every=3,
         stop_after=5, compile=True, device="cpu", workers=2)
