@@ -69,7 +69,7 @@ def main():
         row["pixels"] = LR.linear_probe(pix_train, y_train[:n].numpy(), pix_test, y_test.numpy()).top1
         best = PR.probe_best_layer(rand_train, y_train[:n].numpy(), rand_test, y_test.numpy())
         row["random_init"], row["random_init_layer"] = best.result.top1, best.layer
-        row["supervised"], row["supervised_steps"] = SV.supervised_ceiling(
+        row["supervised"], row["supervised_steps"] = SV.train_supervised(
             train_x, y_train, test_x, y_test, data.num_classes(label), args.minutes, args.patch)
         if label == "shape":
             row["color_stats"] = LR.linear_probe(colour_statistics(train_x[:n]), y_train[:n].numpy(),

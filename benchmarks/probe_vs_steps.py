@@ -146,7 +146,7 @@ def main():
             x_tr, ys_tr, x_te, ys_te, _ = E.probe_splits("scenes", cfg.resolution, args.probe_train, args.probe_test, cfg.seed)
             for label in args.labels:
                 y_tr, y_te = ys_tr[label], ys_te[label]
-                top1, steps = SV.supervised_ceiling(x_tr, y_tr, x_te, y_te, data.num_classes(label),
+                top1, steps = SV.train_supervised(x_tr, y_tr, x_te, y_te, data.num_classes(label),
                                                    args.ceiling_minutes, cfg.patch_size, seed=cfg.seed)
                 results["baselines"][label]["ceiling"] = {"top1": top1, "stderr": ST.standard_error(top1, args.probe_test),
                                                           "steps": steps}

@@ -11,10 +11,12 @@ import models as M
 import train as T
 
 
-def supervised_ceiling(train_x, train_y, test_x, test_y, classes, minutes, patch, seed=0, batch=128, lr=1e-3):
-    """The supervised ceiling: the same `micro` encoder with a linear head on its mean-pooled
-    output, trained on the labels for `minutes` (cosine learning rate over the time budget, AdamW,
-    no augmentation). Returns (test top-1, steps taken)."""
+def train_supervised(train_x, train_y, test_x, test_y, classes, minutes, patch, seed=0, batch=128, lr=1e-3):
+    """The same `micro` encoder with a linear head on its mean-pooled output, trained on the labels
+    for `minutes` (cosine learning rate over the time budget, AdamW, no augmentation). How strong a
+    reference it is depends on the budget: 2 minutes is a short baseline that a frozen pre-trained
+    encoder can beat, 10 minutes on 12,000 scenes comes near what this encoder can reach on a label.
+    Returns (test top-1, steps taken)."""
     torch.manual_seed(seed)
     encoder = M.VisionTransformer(M.JEPAConfig(model="micro", patch_size=patch).encoder_config())
     head = torch.nn.Linear(encoder.cfg.dim, classes)
