@@ -149,14 +149,23 @@ def main():
         print(f"recorded as {name!r} in {args.record}", file=sys.stderr)  # stdout ends with the JSON
 
 
-def record(path: str, name: str, run: dict) -> None:
-    """Add (or replace) run `name` in the JSON object of runs at `path`, written atomically."""
-    runs = json.load(open(path)) if os.path.exists(path) else {}
-    runs[name] = run
+def save_json(obj, path: str) -> None:
+    """Write `obj` as JSON to `path` atomically (a temporary file, then a rename): an interrupted
+    run never leaves half a results file. Every benchmark that keeps results writes through this."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(runs, f, indent=1)
+        json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def record(path: str, name: str, run: dict) -> None:
+    """Add (or replace) run `name` in the JSON object of runs at `path`."""
+    runs = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = json.load(f)
+    runs[name] = run
+    save_json(runs, path)
 
 
 if __name__ == "__main__":

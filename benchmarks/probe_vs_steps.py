@@ -33,6 +33,7 @@ import data  # noqa: E402
 import evaluate as E  # noqa: E402
 import evaluation.stats as ST  # noqa: E402
 import studies.supervised as SV  # noqa: E402
+from benchmarks.learning import save_json  # noqa: E402
 
 RESULTS = "benchmarks/results/probe_vs_steps.json"
 
@@ -140,7 +141,7 @@ def main():
                 else:
                     results["steps"][str(step)] = rows
                 print(f"probed {kind}{'' if step is None else ' ' + str(step)}", flush=True)
-                _save(results, args.results)
+                save_json(results, args.results)
         if args.ceiling_minutes and results.get("ceiling_minutes") != args.ceiling_minutes:
             cfg = E.checkpoint_encoders(next(iter(checkpoints.values())))[1]
             x_tr, ys_tr, x_te, ys_te, _ = E.probe_splits("scenes", cfg.resolution, args.probe_train, args.probe_test, cfg.seed)
@@ -152,7 +153,7 @@ def main():
                                                           "steps": steps}
                 print(f"supervised ceiling {label}: {top1:.3f} after {steps} steps", flush=True)
             results["ceiling_minutes"] = args.ceiling_minutes
-            _save(results, args.results)
+            save_json(results, args.results)
 
     draw(results, args.figure)
     print(f"{'step':>6}  " + "  ".join(f"{label + ' t/s':>18}" for label in results["baselines"]))
@@ -164,13 +165,6 @@ def main():
         if all(key in b for b in results["baselines"].values()):
             print(f"{key:>11}  " + "  ".join(f"{b[key]['top1']:>18.3f}" for b in results["baselines"].values()))
     print(f"figure: {args.figure}; numbers: {args.results}")
-
-
-def _save(results: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
