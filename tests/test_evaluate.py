@@ -478,3 +478,41 @@ def test_attention_distance_on_hand_made_weights():
     assert d[0].item() == pytest.approx(3.0) and d[5].item() == pytest.approx(0.0)
     uniform = torch.full((4, 4), 0.25)  # a 2 x 2 grid; from a corner: distances 0, 1, 1, sqrt(2)
     assert AT.attention_distance(uniform, (2, 2))[0].item() == pytest.approx((2 + 2 ** 0.5) / 4)
+
+
+def test_lidar_counts_the_directions_in_which_images_differ_more_than_their_views():
+    g = torch.Generator().manual_seed(0)
+    N, q, D, k = 400, 4, 16, 5
+    # class means spread equally along k axes, views scattered isotropically around them: LDA sees k directions
+    means = torch.zeros(N, D)
+    means[:, :k] = 3 * torch.randn(N, k, generator=g)
+    views = means[:, None] + 0.5 * torch.randn(N, q, D, generator=g)
+    value = RM.lidar(views)
+    assert value == pytest.approx(k, rel=0.1)
+    # any invertible linear map of the features leaves it unchanged (RankMe moves)
+    A = torch.randn(D, D, generator=g) + 3 * torch.eye(D)
+    mapped = views @ A.T
+    assert RM.lidar(mapped, delta=1e-8) == pytest.approx(RM.lidar(views, delta=1e-8), rel=1e-3)
+    assert abs(RM.rankme(mapped.flatten(0, 1)) - RM.rankme(views.flatten(0, 1))) > 0.5
+    # views that carry nothing of their image: no direction stands out more than by chance (about D, not k)
+    noise = torch.randn(N, q, D, generator=g)
+    assert RM.lidar(noise) > 0.8 * D
+    with pytest.raises(ValueError, match="at least 2 images and 2 views"):
+        RM.lidar(torch.zeros(10, 1, 4))
+
+
+def test_masked_views_are_the_encoder_on_each_context_alone():
+    torch.manual_seed(0)
+    encoder = M.VisionTransformer(M.ViTConfig(patch_size=8, dim=32, depth=2, heads=4))
+    images = torch.rand(3, 3, 32, 32)
+    masking = M.make_masking("multiblock")
+    views = RM.masked_view_embeddings(encoder, images, masking, views=2, seed=1)
+    assert views.shape == (3, 2, 32) and encoder.training  # the caller's mode is given back
+    # the first view of image 1, directly: the same draws, then that image's context alone through the encoder
+    g = torch.Generator().manual_seed(1)
+    batch = M.mask_images(images, 8, masking, g)
+    keep = batch.context_sample[1] >= 0
+    with torch.no_grad():
+        alone = encoder.eval()(batch.context_patches[1:2, keep], batch.context_pos[1:2, keep],
+                               torch.zeros(1, int(keep.sum()), dtype=torch.long))
+    torch.testing.assert_close(views[1, 0], alone[0].mean(0), atol=1e-5, rtol=1e-4)
