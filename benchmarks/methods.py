@@ -19,6 +19,26 @@ applies the study's rules, stated before the numbers:
 
     python benchmarks/methods.py benchmarks/results/methods.json        # the sweeps, the seeds, the verdicts
     python benchmarks/methods.py benchmarks/results/methods.json --json  # the same as JSON
+
+The runs it reads, in order (R = benchmarks/results/methods.json; M = the I-JEPA baseline's training
+time in minutes, its log's last "seconds" / 60, so that every method gets the same wall-clock budget
+on the same machine; MAE's encoder sees a quarter of the tokens, so it takes more steps in M):
+
+    # I-JEPA: the demo-recipe models of the normalisation study (Loss_Maps.ipynb trains them)
+    python benchmarks/learning.py --checkpoint checkpoints/norm-study/layernorm-seed0/checkpoint.pt --no-pixels --record R --name ijepa-seed0
+    python benchmarks/learning.py --checkpoint checkpoints/norm-study/layernorm-seed1/checkpoint.pt --no-pixels --record R --name ijepa-seed1
+    # the sweeps, seed 0: MAE's mask ratio and decoder depth, SIGReg's weight
+    python benchmarks/learning.py --minutes M --set method=mae loss=mse mask_ratio=0.6 --no-pixels --record R --name mae-sweep-r0.6
+    python benchmarks/learning.py --minutes M --set method=mae loss=mse mask_ratio=0.75 --no-pixels --record R --name mae-sweep-r0.75
+    python benchmarks/learning.py --minutes M --set method=mae loss=mse mask_ratio=0.75 predictor_depth=1 --no-pixels --record R --name mae-sweep-r0.75-d1
+    python benchmarks/learning.py --minutes M --set method=sigreg sigreg_weight=0.02 --no-pixels --record R --name sigreg-sweep-w0.02
+    python benchmarks/learning.py --minutes M --set method=sigreg sigreg_weight=0.05 --no-pixels --record R --name sigreg-sweep-w0.05
+    python benchmarks/learning.py --minutes M --set method=sigreg sigreg_weight=0.1 --no-pixels --record R --name sigreg-sweep-w0.1
+    # the seeds, with each method's kept setting (its sweep run on seed 0 can stand as <method>-seed0 only if
+    # renamed by re-running it under that name)
+    python benchmarks/learning.py --minutes M --seed 0 --set method=mae loss=mse KEPT --no-pixels --record R --name mae-seed0
+    python benchmarks/learning.py --minutes M --seed 1 --set method=mae loss=mse KEPT --no-pixels --record R --name mae-seed1
+    (and the same for sigreg)
 """
 
 import argparse
