@@ -11,7 +11,7 @@ applies the study's rules, stated before the numbers:
      layer, on the validation fifth of the probe's training scenes), averaged over the labels:
      never the test accuracy.
   2. The seeds: the kept setting, and I-JEPA, run over seeds 0 and 1 ("<method>-seed<k>",
-     "ijepa-seed<k>"). Each method's encoder (I-JEPA's teacher, the encoder the paper probes; the
+     "ijepa-seed<k>"; the kept sweep run is the method's seed 0 unless a "<method>-seed0" exists). Each method's encoder (I-JEPA's teacher, the encoder the paper probes; the
      others have one encoder) is compared with I-JEPA's on each label by `evaluation.stats.compare`
      (beyond 2 standard errors of the difference).
   3. A verdict per label counts only when both seeds agree: "better" or "worse" on both; anything
@@ -34,11 +34,9 @@ on the same machine; MAE's encoder sees a quarter of the tokens, so it takes mor
     python benchmarks/learning.py --minutes M --set method=sigreg sigreg_weight=0.02 --no-pixels --record R --name sigreg-sweep-w0.02
     python benchmarks/learning.py --minutes M --set method=sigreg sigreg_weight=0.05 --no-pixels --record R --name sigreg-sweep-w0.05
     python benchmarks/learning.py --minutes M --set method=sigreg sigreg_weight=0.1 --no-pixels --record R --name sigreg-sweep-w0.1
-    # the seeds, with each method's kept setting (its sweep run on seed 0 can stand as <method>-seed0 only if
-    # renamed by re-running it under that name)
-    python benchmarks/learning.py --minutes M --seed 0 --set method=mae loss=mse KEPT --no-pixels --record R --name mae-seed0
+    # seed 1 with each method's kept setting (its kept sweep run is its seed 0)
     python benchmarks/learning.py --minutes M --seed 1 --set method=mae loss=mse KEPT --no-pixels --record R --name mae-seed1
-    (and the same for sigreg)
+    python benchmarks/learning.py --minutes M --seed 1 --set method=sigreg KEPT --no-pixels --record R --name sigreg-seed1
 """
 
 import argparse
@@ -95,10 +93,13 @@ def verdicts(runs: dict) -> dict:
     """{method: {label: {"per_seed": {seed: Difference as a dict}, "verdict": str}}} against I-JEPA,
     for every method with seed runs beside I-JEPA's on the same seeds."""
     baseline = seeds_of(runs, BASELINE)
+    kept = {method: runs[sweep["kept"]] for method, sweep in sweeps(runs).items()}
     methods = sorted({name.split("-seed")[0] for name in runs if "-seed" in name and "-sweep-" not in name} - {BASELINE})
     out = {}
     for method in methods:
         mine = seeds_of(runs, method)
+        if 0 not in mine and method in kept:  # the kept sweep setting was run on seed 0 at the same budget
+            mine[0] = kept[method]
         shared = sorted(set(mine) & set(baseline))
         if not shared:
             continue

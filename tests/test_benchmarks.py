@@ -144,6 +144,10 @@ def test_methods_keeps_the_sweep_setting_of_best_validation_and_judges_by_both_s
     # one seed alone never makes a verdict
     alone = {k: r for k, r in runs.items() if not k.endswith("seed1")}
     assert methods.verdicts(alone)["mae"]["shape"]["verdict"] == "no difference the seeds agree on"
+    # without a mae-seed0 run, the kept sweep run stands as seed 0
+    swept = {k: r for k, r in runs.items() if k != "mae-seed0"}
+    swept["mae-sweep-r0.75"] = method_run("mae", 0, val=0.55, test=0.45)
+    assert methods.verdicts(swept)["mae"]["shape"]["per_seed"][0]["a"] == 0.45
 
 
 def test_methods_command_prints_the_sweep_and_the_verdicts(tmp_path, capsys):
