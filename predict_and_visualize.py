@@ -479,7 +479,7 @@ def draw_decoded(queries: Patches, predicted: Predicted, decoded: dict, path=Non
 
 
 def draw_pca(queries: Patches, predicted: Predicted, fit_features: torch.Tensor, predictions: dict, path=None,
-             rows: int = FIGURE_ROWS, teacher_label: str = "teacher features\n(whole image)"):
+             rows: int = FIGURE_ROWS):
     """PCA colours, one column per image: the original; the teacher's features of the whole image;
     then one row per entry of `predictions` (row label -> (Q, D) features at `predicted`'s targets,
     grey elsewhere: the predictions, the position-only baseline), all on the same 3 components
@@ -488,7 +488,7 @@ def draw_pca(queries: Patches, predicted: Predicted, fit_features: torch.Tensor,
     teacher, *predicted_colours = pca_colours(fit_features, queries.features[:cols], *predictions.values())
     h, w = queries.grid
     shown = predicted.image < cols
-    labels = ["original", teacher_label, *predictions]
+    labels = ["original", "teacher features\n(whole image)", *predictions]
     fig, axes = _new_figure(len(labels), cols)
     for i in range(cols):
         axes[0, i].imshow(_picture(queries.pixels[i], queries.grid))

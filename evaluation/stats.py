@@ -35,7 +35,7 @@ class Difference:
     verdict: str  # "better", "worse" (a against b) or "no difference" (|z| below the threshold)
 
     def sentence(self, name_a: str, name_b: str, digits: int = 3, points: bool = False) -> str:
-        """One line: 'teacher 0.669 vs pixels 0.465: +0.204 (+9.8 s.e.), teacher better'; with
+        """One line: 'teacher 0.669 vs pixels 0.465: +0.204 (+13.3 s.e.), teacher better'; with
         points=True (accuracies) the difference is in percentage points: '+20.4 points'."""
         said = {"better": f"{name_a} better", "worse": f"{name_a} worse",
                 "no difference": "no difference the measurement resolves"}[self.verdict]

@@ -445,6 +445,8 @@ def test_compare_counts_a_difference_beyond_two_standard_errors_of_the_differenc
     assert d.sentence("teacher", "pixels").endswith("teacher better")
     with pytest.raises(ValueError, match="single measurement"):
         ST.compare(0.5, float("nan"), 0.4, 0.01)
+    with pytest.raises(ValueError, match="standard errors are never negative"):
+        ST.compare(0.5, -0.01, 0.4, 0.01)
 
 
 def test_attention_weights_are_the_softmax_each_block_applies():
