@@ -68,9 +68,8 @@ def probe_splits(dataset: str, resolution: int, n_train: int, n_test: int, seed:
                 te.tensors()[0], {k: te.tensors(k)[1] for k in data.LABELS}, list(data.LABELS))
 
     def stack(ds):
-        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
-        labels = torch.tensor([int(ds[i]["label"]) for i in range(len(ds))])
-        return images, labels
+        items = [ds[i] for i in range(len(ds))]  # each image read once
+        return torch.stack([item["image"] for item in items]), torch.tensor([int(item["label"]) for item in items])
 
     has_splits = not os.path.isdir(dataset) or all(os.path.isdir(os.path.join(dataset, s)) for s in ("train", "test"))
     if has_splits:
