@@ -29,13 +29,13 @@ class ProbeResult:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter: int = 1000, tol: float = 1e-4,
-                 start=None, rotation=None):
+                 start=None, basis=None):
     """Multinomial logistic regression, full batch, by L-BFGS. The objective is scikit-learn's
     (C x the summed log-loss + half the squared norm of the weights, the bias unpenalised), divided
     by the number of samples, so the minimum is the same. The search stops by scikit-learn's rule:
     when the largest component of the gradient is below `tol`, in the coordinates scikit-learn
-    fits in. Those are the standardised features; x may be them turned by a `rotation` (d_std, d)
-    or a Basis's (then the gradient is turned back before the rule looks at it). `start` (weights, bias)
+    fits in. Those are the standardised features; x may be their coordinates in a `basis` (then the
+    gradient is turned back by the Basis before the rule looks at it). `start` (weights, bias)
     warm-starts the search; the problem is convex, so the optimum does not depend on it. Returns
     (weights, bias, converged) in x's dtype.
 
@@ -48,13 +48,10 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max
     if start is not None:
         theta[:d], theta[d] = start[0], start[1]
 
-    if rotation is not None and not isinstance(rotation, Basis):
-        rotation = Basis(mean=None, std=None, blocks=[rotation])  # a rotation alone: all `turn` needs
-
     def turn(g):  # the weights' gradient (d, k) -> the same in the standardised features' coordinates
-        return g if rotation is None else rotation.rotate(g)
+        return g if basis is None else basis.rotate(g)
 
-    rows = d if rotation is None else sum(len(block) for block in rotation.blocks)
+    rows = d if basis is None else len(basis.mean)  # how many standardised features there are
     theta, steps, largest = _lbfgs(x.float(), y, n_classes, C, theta.float(), max_iter, tol, turn, rows)
     if largest > tol and steps < max_iter:
         theta, _, largest = _lbfgs(x.double(), y, n_classes, C, theta.double(), max_iter - steps, tol, turn, rows)
@@ -79,7 +76,8 @@ def _lbfgs(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, theta: to
     The search is L-BFGS written out (the two-loop recursion over the last `history` steps) with a
     backtracking line search that tries the full step first. The objective is strictly convex, so
     every step's curvature pair is usable and no stronger line search is needed; most steps take
-    one evaluation. Written out, the stopping rule is checked at every step on the gradient the
+    one evaluation (the reference teacher's five layers and concat-4 over 4 x 4 cells: 1,022 passes
+    over the features for 911 steps, the starts and Hessian diagonals included). Written out, the stopping rule is checked at every step on the gradient the
     step has already computed (torch.optim.LBFGS spends an evaluation on each call and would be
     checked only between calls).
 
@@ -344,7 +342,7 @@ def probe_prepared(prepared: PreparedFeatures, train_y, test_y, Cs=(0.01, 0.1, 1
         converged, fits, scores = True, [], []
         for C in Cs:  # in increasing order, each fit starts from the last one's optimum: fewer steps, the same optimum
             W, b, ok = fit_logistic(s.fit, y_fit, n_classes, C, max_iter, tol, start=fits[-1] if fits else None,
-                                    rotation=s.fit_basis)
+                                    basis=s.fit_basis)
             converged = converged and ok
             fits.append((W, b))
             scores.append(float(((s.val @ W + b).argmax(1) == y_val).double().mean()))
@@ -353,7 +351,7 @@ def probe_prepared(prepared: PreparedFeatures, train_y, test_y, Cs=(0.01, 0.1, 1
         # to the whole set's standardisation and basis through the raw features
         start = s.train_basis.from_features(*s.fit_basis.to_features(*fits[best]))
         W, b, ok = fit_logistic(s.train, train_y, n_classes, Cs[best], max_iter, tol, start=start,
-                                rotation=s.train_basis)
+                                basis=s.train_basis)
         pred = (s.test @ W + b).argmax(1).numpy()
         results.append(ProbeResult(top1=float((pred == test_y.numpy()).mean()), C=Cs[best], val_top1=scores[best],
                                    macro_f1=float(f1_score(test_y.numpy(), pred, average="macro")), predictions=pred,

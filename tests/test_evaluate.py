@@ -150,22 +150,20 @@ def test_fit_stops_by_scikit_learns_rule_in_the_standardised_coordinates():
 
     W, b, ok = LR.fit_logistic(x, y, 3, 10.0, tol=1e-6)  # beyond float32: float64 finishes the search
     assert ok and W.dtype == torch.float64 and gradient(x, W, b).abs().max() <= 1e-6
-    # in rotated coordinates the rule looks at the gradient turned back into the original ones
-    rotation = torch.linalg.qr(torch.as_tensor(np.random.default_rng(3).normal(size=(5, 5))))[0]
-    W, b, ok = LR.fit_logistic(x @ rotation, y, 3, 10.0, tol=1e-6, rotation=rotation)
-    g = gradient(x @ rotation, W, b)
-    assert ok and (rotation @ g[:-1]).abs().max() <= 1e-6 and g[-1].abs().max() <= 1e-6
-    # a basis that keeps only the rows' span (more features than rows): the rule still holds for the
-    # standardised features' own gradient, of which the coordinates' gradient is the turned part
+    # in a basis's coordinates the rule looks at the gradient of the standardised features, of which
+    # the coordinates' gradient is the turned part: an eigenbasis (d <= n), and a basis that keeps
+    # only the rows' span (more features than rows)
     wide = torch.as_tensor(np.random.default_rng(4).normal(size=(40, 90)))
     labels = torch.as_tensor(np.random.default_rng(5).integers(0, 3, 40))
-    basis, coords = LR.Basis.from_rows(wide)
-    W, b, ok = LR.fit_logistic(coords, labels, 3, 1.0, tol=1e-6, rotation=basis)
-    standardised = (wide - wide.mean(0)) / wide.std(0, unbiased=False)
-    theta = torch.cat([basis.rotate(W), b[None]]).requires_grad_(True)  # the same map on the standardised features
-    loss = F.cross_entropy(standardised @ theta[:-1] + theta[-1], labels) + (theta[:-1] ** 2).sum() / (2 * len(wide))
-    loss.backward()
-    assert ok and theta.grad.abs().max() <= 1e-6
+    for features, classes in ((x, y), (wide, labels)):
+        basis, coords = LR.Basis.from_rows(features)
+        W, b, ok = LR.fit_logistic(coords, classes, 3, 10.0, tol=1e-6, basis=basis)
+        standardised = (features - features.mean(0)) / features.std(0, unbiased=False)
+        theta = torch.cat([basis.rotate(W), b[None]]).requires_grad_(True)  # the same map on the standardised features
+        loss = F.cross_entropy(standardised @ theta[:-1] + theta[-1], classes) + \
+            (theta[:-1] ** 2).sum() / (2 * 10.0 * len(features))
+        loss.backward()
+        assert ok and theta.grad[:-1].abs().max() <= 1e-6 and theta.grad[-1].abs().max() <= 1e-6
     # a fit cut short says so
     assert not LR.fit_logistic(x, y, 3, 10.0, max_iter=2, tol=1e-6)[2]
 
@@ -204,7 +202,7 @@ def test_sets_side_by_side_are_the_concatenated_features_without_a_basis_of_thei
     np.testing.assert_allclose(a.fit_basis.coordinates(torch.as_tensor(np.concatenate(train[1:], 1), dtype=torch.float32)
                                                        [joined.fit_rows]), a.fit, atol=1e-4)
     y_fit = torch.as_tensor(y[:100])[joined.fit_rows]
-    fits = [LR.fit_logistic(s.fit.double(), y_fit, 3, 1.0, tol=1e-7, rotation=s.fit_basis.rotation.double()) for s in (a, b)]
+    fits = [LR.fit_logistic(s.fit.double(), y_fit, 3, 1.0, tol=1e-7, basis=s.fit_basis) for s in (a, b)]
     assert all(ok for _, _, ok in fits)
     logits = [s.val.double() @ W + bias for s, (W, bias, _) in zip((a, b), fits)]
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-3)
