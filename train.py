@@ -257,6 +257,34 @@ def block_grad_norms(model: M.IJEPA) -> dict:
     return norms
 
 
+def target_spread(targets: torch.Tensor) -> float:
+    """How much the regression targets differ from token to token, whatever their scale: the
+    per-channel standard deviation over tokens, averaged over channels, over the root mean square
+    of every entry. targets (T, D) -> a number from 0 (every token has the same target: collapse)
+    to about 1 (zero-mean features that vary from token to token as much as they are large)."""
+    return float(targets.std(0).mean() / targets.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+# Collapse: every token gets nearly the same target, so the student can predict it without looking
+# at the image, and the loss falls while the encoder learns nothing. The spread of the targets
+# (`target_spread`) shows it where the loss cannot; notebooks/Failure_Modes.ipynb measures the
+# threshold on runs that collapse and runs that do not.
+COLLAPSE_SPREAD = 0.05
+
+
+def collapse_warning(row: dict) -> str | None:
+    """The warning a logged row earns (its targets' spread below COLLAPSE_SPREAD), or None."""
+    spread = row.get("target_spread")
+    if spread is None or spread >= COLLAPSE_SPREAD:
+        return None
+    return (f"warning: the run looks collapsed at step {row['step']}: the targets' spread (target_spread in the log) "
+            f"is {spread:.3f}, below {COLLAPSE_SPREAD}: every token gets nearly the same target, so a low loss "
+            f"({row['loss']:.4f}) says nothing. Try: keep the stop-gradient and a moving EMA teacher "
+            f"(--ema 0.998 1.0), LayerNorm targets (--feature-norm layernorm), a lower --lr; and probe a checkpoint "
+            f"(python evaluate.py probe) before trusting the loss. notebooks/Failure_Modes.ipynb shows what collapse "
+            f"looks like")
+
+
 def training_step(model: M.IJEPA, optimizer: torch.optim.Optimizer, batch: M.MaskedBatch, momentum: float,
                   forward=None, grad_clip: float = 0.0, grad_norms: bool = False) -> StepResult:
     """One step: forward (teacher, student, predictor, loss), backward, AdamW, EMA of the teacher.
@@ -585,6 +613,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         return step + int(remaining / statistics.median(wall_times)) if wall_times else 10**9
 
     log, losses, start, wall_times = [], [], time.perf_counter(), collections.deque(maxlen=STEP_WINDOW)
+    warned = False
     stop_at = step + cfg.stop_after if cfg.stop_after else None
     in_terminal = sys.stderr.isatty() and "ipykernel" not in sys.modules  # a notebook's stream claims to be a tty
     bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="pre-training", dynamic_ncols=True,
@@ -636,10 +665,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                    "target_token_rankme": rankme(targets),
                    # collapse shows here first: every target alike (std over tokens -> 0), or all of them small
                    "target_std": float(targets.std(0).mean()), "target_norm": float(targets.norm(dim=1).mean()),
+                   "target_spread": target_spread(targets),
                    "padding": 1 - P.occupancy(batch),
                    "images_per_s": images / dt, "images": images,
                    "seconds": seconds_before + time.perf_counter() - start}  # the whole run's, over resumes
             log.append(row)
+            warning = collapse_warning(row)
+            if warning and not warned:  # once per invocation
+                bar.write(warning)
+                warned = True
             if log_path:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")

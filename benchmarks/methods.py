@@ -108,10 +108,8 @@ def verdicts(runs: dict) -> dict:
             if not all(label in mine[s] and label in baseline[s] for s in shared):
                 continue
             per_seed = {s: ST.compare(*accuracy_se(mine[s], label), *accuracy_se(baseline[s], label)) for s in shared}
-            said = {d.verdict for d in per_seed.values()}
-            verdict = said.pop() if len(said) == 1 and len(shared) >= 2 and "no difference" not in said else \
-                "no difference the seeds agree on"
-            out[method][label] = {"per_seed": {s: vars(d) for s, d in per_seed.items()}, "verdict": verdict}
+            out[method][label] = {"per_seed": {s: vars(d) for s, d in per_seed.items()},
+                                  "verdict": ST.seeds_agree(list(per_seed.values()))}
     return out
 
 

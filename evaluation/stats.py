@@ -62,3 +62,11 @@ def compare(a: float, se_a: float, b: float, se_b: float, higher_is_better: bool
     ahead = diff > 0 if higher_is_better else diff < 0
     verdict = "no difference" if abs(z) < threshold else "better" if ahead else "worse"
     return Difference(a, b, diff, se, z, verdict)
+
+
+def seeds_agree(per_seed: list) -> str:
+    """The study rule over seeds: a verdict ("better", "worse") counts only when it is the same on
+    every seed and there are at least two; anything else is "no difference the seeds agree on"."""
+    said = {d.verdict for d in per_seed}
+    return said.pop() if len(said) == 1 and len(per_seed) >= 2 and "no difference" not in said else \
+        "no difference the seeds agree on"

@@ -5,5 +5,6 @@
     ec_ijepa.py            encoder-conditioned I-JEPA (`train.py --condition-encoders`)
     mae.py                 MAE on the same backbone: pixels of random patches (`train.py --method mae`)
     sigreg.py              a JEPA without teacher, kept from collapse by SIGReg (`train.py --method sigreg`)
+    collapse.py            reading collapse in training logs, and the equal-width controls of concat-4 (Failure_Modes.ipynb)
     official_checkpoint.py loading a released official checkpoint into models.py's modules
 """

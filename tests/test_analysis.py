@@ -7,6 +7,7 @@ from sklearn.metrics import roc_auc_score
 
 import data
 import evaluation.features as EF
+import studies.collapse as CO
 import studies.normalisation as NS
 import models as M
 
@@ -165,3 +166,54 @@ def test_the_study_runs_end_to_end(micro):
     assert 1 <= out["rankme"] <= len(images)
     assert out["target_energy_cv"] < 1e-3  # LayerNorm targets: one norm for every token
     assert out["checkerboard"]["cell"] == 1 and out["checkerboard_2x2"]["cell"] == 2
+
+
+# -----------------------------------------------------------------------------------------------
+# studies/collapse.py
+
+
+def test_collapse_curves_are_read_from_log_rows():
+    log = [{"step": s, "loss": 1 / s, "grad_norms": {"student.0": 3.0 * s, "student.1": 4.0 * s, "predictor.0": 100.0}}
+           for s in (1, 6, 11)]
+    assert CO.student_grad_norm(log[0]) == pytest.approx(5.0)  # sqrt(3^2 + 4^2), the predictor left out
+    steps, values = CO.series(log, CO.student_grad_norm, until=6)
+    assert steps.tolist() == [1, 6] and values.tolist() == pytest.approx([5.0, 30.0])
+    assert CO.series(log, "loss")[1].tolist() == pytest.approx([1, 1 / 6, 1 / 11])
+    assert CO.first_row(log, lambda r: r["loss"] < 0.5)["step"] == 6 and CO.first_row(log, lambda r: False) is None
+
+
+def test_largest_jump_is_the_largest_factor_either_way():
+    assert CO.largest_jump([1.0, 1.0, 1.0]) == 1.0
+    assert CO.largest_jump([1.0, 2.0, 1.5]) == pytest.approx(2.0)
+    assert CO.largest_jump([1.0, 1.1, 0.25, 0.3]) == pytest.approx(4.4)  # the fall from 1.1 to 0.25
+    with pytest.raises(ValueError, match="positive"):
+        CO.largest_jump([1.0, 0.0])
+
+
+def test_falls_before_reads_the_window_before_a_step():
+    steps, values = np.array([0, 10, 20, 30, 40]), np.array([8.0, 4.0, 2.0, 2.0, 1.0])
+    assert CO.falls_before(steps, values, at_step=30, window=20) == pytest.approx(2.0)  # 4 at step 10, 2 at 30
+    assert CO.falls_before(steps, values, at_step=35, window=20) == pytest.approx(2.0)  # nearest rows at or before
+    with pytest.raises(ValueError, match="no logged rows"):
+        CO.falls_before(steps, values, at_step=10, window=20)
+
+
+def test_equal_width_controls_keep_or_lift_the_width():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    squeezed = CO.random_projection(x, 4, seed=1)
+    assert squeezed.shape == (200, 4) and np.allclose(squeezed, CO.random_projection(x, 4, seed=1))
+    # a linear map: the projection of a sum is the sum of the projections
+    assert np.allclose(CO.random_projection(x[:1] + x[1:2], 4), CO.random_projection(x[:1], 4) + CO.random_projection(x[1:2], 4),
+                       atol=1e-5)
+    train, test = CO.random_features(x[:150], x[150:], 64, seed=2)
+    assert train.shape == (150, 64) and test.shape == (50, 64) and (train >= 0).all()
+    # standardised with the training set's statistics: a test row equal to a training row gets its features
+    assert np.allclose(CO.random_features(x[:150], x[:1], 64, seed=2)[1], train[:1], atol=1e-5)
+    # a non-linear lift: XOR of two signs, which no linear probe on x separates, is separable on the features
+    signs = np.sign(x[:, :2])
+    xor = (signs[:, 0] * signs[:, 1] > 0).astype(int)
+    from sklearn.linear_model import LogisticRegression
+    lifted = CO.random_features(x, x, 512, seed=3)[0]
+    assert LogisticRegression(C=10, max_iter=2000).fit(lifted, xor).score(lifted, xor) > \
+        LogisticRegression(C=10, max_iter=2000).fit(x, xor).score(x, xor) + 0.15

@@ -491,3 +491,22 @@ def test_throughput_occupancies_count_every_slot_of_both_streams():
     assert set(result["peak_mb"]) == {"A", "B", "C"} and all(v > 0 for v in result["peak_mb"].values())
     assert result["speedup"] == pytest.approx(result["packed_images_per_s"] / result["unpacked_images_per_s"], rel=0.01)
     assert f"packing: {rows} rows x (" in out and "hidden) slots" in out
+
+
+def test_collapse_study_probes_after_each_segment_and_skips_recorded_runs(tmp_path, capsys):
+    import benchmarks.collapse as CB
+
+    splits = CB.probe_splits(0, n_train=120, n_test=60, resolution=32)
+    run = CB.run_switch("ema-1", 0, str(tmp_path / "run"), probe_steps=(2, 4), splits=splits, progress=False,
+                        base=dict(num_images=48, resolution=32, batch_size=16, log_every=1))
+    assert sorted(run["probes"]) == [0, 2, 4] and set(run["probes"][4]) == set(CB.LABELS)
+    assert [row["step"] for row in run["log"]] == [1, 2, 3, 4]  # one log over both segments
+    # momentum 1: the teacher never leaves its initial weights, so the student is the encoder probed
+    assert run["changes"] == {"ema": [1.0, 1.0]} and run["probed"] == "student"
+    healthy = CB.run_switch("healthy", 0, str(tmp_path / "healthy"), probe_steps=(2,), splits=splits, progress=False,
+                            base=dict(num_images=48, resolution=32, batch_size=16, log_every=1))
+    assert healthy["probed"] == "teacher" and healthy["probes"][0] == run["probes"][0]  # one initial network
+    results = tmp_path / "collapse.json"
+    results.write_text(json.dumps({"healthy-seed0": {"switch": "healthy"}}))
+    CB.main(["--switches", "healthy", "--seeds", "0", "--results", str(results), "--runs", str(tmp_path)])
+    assert "healthy-seed0: in" in capsys.readouterr().out and not (tmp_path / "healthy-seed0").exists()

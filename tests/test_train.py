@@ -182,6 +182,40 @@ def test_log_rows_hold_the_health_signals(tmp_path):
     assert 1.0 <= direct <= 48
     # LayerNorm targets: every token has mean 0 and variance 1 over its 128 channels, so norm sqrt(128)
     assert rows[0]["target_norm"] == pytest.approx(128 ** 0.5, rel=1e-3) and 0 < rows[0]["target_std"] < 2
+    # ... so the mean square of every entry is 1 and the spread is the standard deviation itself
+    assert rows[0]["target_spread"] == pytest.approx(rows[0]["target_std"], rel=1e-3)
+
+
+def test_target_spread_is_zero_for_identical_targets_and_one_for_independent_ones():
+    assert T.target_spread(torch.randn(1, 64).expand(500, 64)) == 0.0
+    assert T.target_spread(torch.randn(20_000, 64)) == pytest.approx(1.0, abs=0.01)
+    # scale-free: shrinking every target changes the loss, not the spread
+    x = torch.randn(300, 64) + 3 * torch.randn(1, 64)  # a large shared part: a spread well below 1
+    assert T.target_spread(1e-3 * x) == pytest.approx(T.target_spread(x), rel=1e-5) and T.target_spread(x) < 0.5
+
+
+def test_the_collapse_warning_fires_once_on_a_collapsed_run_and_never_on_a_healthy_one(monkeypatch, capsys):
+    healthy = T.train(T.TrainConfig(steps=4, **TINY), progress=False)
+    assert capsys.readouterr().out.count("collapsed") == 0
+    assert min(row["target_spread"] for row in healthy.log) > T.COLLAPSE_SPREAD
+
+    # Constructed collapse: a teacher frozen (momentum 1) with its final norm's weight and bias at 0
+    # outputs 0 for every token of every image, so every target is the same.
+    build = T.build_model
+
+    def constant_teacher(cfg):
+        model = build(cfg)
+        with torch.no_grad():
+            model.teacher.norm.weight.zero_()
+            model.teacher.norm.bias.zero_()
+        return model
+
+    monkeypatch.setattr(T, "build_model", constant_teacher)
+    collapsed = T.train(T.TrainConfig(steps=4, ema=(1.0, 1.0), **TINY), progress=False)
+    said = capsys.readouterr().out
+    assert said.count("looks collapsed") == 1 and "target_spread" in said and "step 1" in said
+    assert all(row["target_spread"] < T.COLLAPSE_SPREAD for row in collapsed.log) and len(collapsed.log) == 4
+    assert T.collapse_warning(collapsed.log[0]) is not None and T.collapse_warning(healthy.log[0]) is None
 
 
 def test_a_fixed_momentum_of_0_makes_the_teacher_the_student_and_1_keeps_it_at_its_start():
