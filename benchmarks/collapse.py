@@ -11,7 +11,7 @@ Step 0 is the network at its initial weights, the same for every switch of a see
 norm, per-block gradient norms) are kept with the probes, so the results file holds everything
 the notebook draws, and the command that made each run.
 
-    python benchmarks/collapse.py                                  # every switch, seeds 0 and 1 (about 2 hours here)
+    python benchmarks/collapse.py                                  # every switch, seeds 0 and 1 (181 minutes of runs on 2 cores)
     python benchmarks/collapse.py --switches healthy ema-0 --seeds 0   # some of them
     python benchmarks/collapse.py --list                           # the switches and what each changes
 
