@@ -191,6 +191,36 @@ def attention_mask(sample: torch.Tensor) -> torch.Tensor:
     return ((same & real) | self_only)[:, None]  # (B, 1, L, L), broadcast over heads
 
 
+def drop_padding(x: torch.Tensor, sample: torch.Tensor) -> tuple:
+    """Take out the padding no row needs: tokens (B, L, D) and sample ids (B, L) -> tokens
+    (B, L', D) and ids (B, L'), each row's real tokens first and in order, L' the most real tokens
+    of any row; and `kept` (B, L'), the slot each token came from (None when nothing is cut).
+
+    A real token never attends to padding (`attention_mask`), so the blocks give real tokens the
+    same output either way: this only saves the work done on padding. The hidden stream of an
+    ordinary batch is padded to its longest row and the predictor's non-target slots are padding,
+    so at the benchmark's configuration (benchmarks/train_step.py) about a third of the teacher's
+    and the predictor's slots are cut. Under torch.compile nothing is cut, so that a packed batch
+    keeps one shape and compiles once.
+    """
+    real = sample >= 0  # (B, L)
+    L = sample.shape[1]
+    if torch.compiler.is_compiling() or L == 0:
+        return x, sample, None
+    n = int(real.sum(1).max())
+    if n == L:
+        return x, sample, None
+    kept = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # (B, L') real slots first
+    return x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1])), sample.gather(1, kept), kept
+
+
+def restore_padding(x: torch.Tensor, kept, length: int) -> torch.Tensor:
+    """Undo `drop_padding`: tokens (B, L', D) back to their slots in (B, length, D); the slots it cut get 0."""
+    if kept is None:
+        return x
+    return x.new_zeros(x.shape[0], length, x.shape[-1]).scatter(1, kept[..., None].expand(-1, -1, x.shape[-1]), x)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -276,13 +306,15 @@ class VisionTransformer(nn.Module):
 
     def transform(self, x, sample, return_layers=False):
         """The blocks and the last layer over embedded tokens x (B, L, D) with sample ids (B, L)."""
+        L = x.shape[1]
+        x, sample, kept = drop_padding(x, sample)  # (B, L', D): the blocks skip the padding
         mask = attention_mask(sample)
         layers = []
         for block in self.blocks:
             x = block(x, mask)
             layers.append(x)
-        out = self.norm(x)
-        return (out, layers) if return_layers else out
+        out = restore_padding(self.norm(x), kept, L)  # (B, L, D)
+        return (out, [restore_padding(t, kept, L) for t in layers]) if return_layers else out
 
     def forward(self, patches, pos, sample, return_layers=False):
         return self.transform(self.embed(patches, pos), sample, return_layers)
@@ -408,10 +440,13 @@ class Predictor(nn.Module):
         ctx = self.embed(context) + sincos_2d(context_pos, self.cfg.dim)  # (B, Lc, Dp)
         queries = self.mask_token + sincos_2d(query_pos, self.cfg.dim)  # (B, Lq, Dp)
         x = torch.cat([ctx, queries], dim=1)  # (B, Lc + Lq, Dp)
-        mask = attention_mask(torch.cat([context_sample, query_sample], dim=1))
+        L = x.shape[1]
+        x, sample, kept = drop_padding(x, torch.cat([context_sample, query_sample], dim=1))  # (B, L', Dp)
+        mask = attention_mask(sample)
         for block in self.blocks:
             x = block(x, mask)
-        return self.out_norm(self.proj(self.norm(x[:, Lc:])))  # (B, Lq, D)
+        x = restore_padding(self.norm(x), kept, L)[:, Lc:]  # (B, Lq, Dp)
+        return self.out_norm(self.proj(x))  # (B, Lq, D)
 
 
 # -----------------------------------------------------------------------------------------------

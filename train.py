@@ -197,8 +197,11 @@ def param_groups(model: M.IJEPA) -> list:
 
 
 def make_optimizer(model: M.IJEPA, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the student and predictor, weight decay on matrices only (`param_groups`)."""
-    return torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay[0])
+    """AdamW over the student and predictor, weight decay on matrices only (`param_groups`). The
+    fused implementation updates every parameter in one kernel call: the same update as the loop
+    over parameters, 3x faster on a CPU (35 ms of a 2-s step at benchmarks/train_step.py's size)."""
+    return torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay[0],
+                             fused=True)
 
 
 def cosine(progress: float, start: float, end: float) -> float:

@@ -3,6 +3,8 @@ are marked slow), and each run checks numbers that are wrong when the code is: a
 of the same quantity, a relation that must hold, or a margin over chance on an easy label that a
 tiny run keeps on any CPU. Accuracies are checked to be whole counts of the test images."""
 
+import argparse
+import copy
 import gzip
 import json
 import os
@@ -317,41 +319,82 @@ def test_probe_vs_steps_probes_each_kept_checkpoint_and_draws_the_curve(tmp_path
 # train_step.py
 
 
-def test_train_step_counts_flops_and_measures_the_matmul_limit():
-    # the counter on a computation whose FLOPs are known: (8 x 16) @ (16 x 4) forward = 2 * 8 * 16 * 4
-    with FlopCounterMode(display=False) as counter:
-        torch.randn(8, 16) @ torch.randn(16, 4)
-    assert counter.get_total_flops() == 2 * 8 * 16 * 4
-    # a training step: the predictor's last projection alone costs 2 * tokens * Dp * D forward
-    torch.manual_seed(0)
-    model = M.IJEPA(M.JEPAConfig())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = M.mask_images(torch.rand(4, 3, 32, 32), 8, M.MultiBlockMasking(), torch.Generator().manual_seed(0))
-    before = [p.clone() for p in model.parameters()]
-    flops = train_step.step_flops(model, opt, batch)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # counted on a copy
-    tokens = batch.hidden_patches.shape[0] * batch.hidden_patches.shape[1]
-    assert flops > 3 * 2 * tokens * 64 * 128
+def step_args(**changes):
+    """The command-line namespace of train_step.py, with a small configuration."""
+    args = dict(model="micro", size=32, patch=8, batch=4, masking="multiblock", predictor_dim=64, predictor_depth=2,
+                batches=2, warmup=0)
+    return argparse.Namespace(**{**args, **changes})
+
+
+def test_train_step_counts_matrix_products_and_attention_and_measures_the_matmul_limit():
+    # known counts: (8 x 16) @ (16 x 4) forward = 2 * 8 * 16 * 4; attention over (B, H, L, d) is two
+    # products of 2 B H L^2 d forward, and torch's formula counts 2.5 times that backward
+    assert train_step.count_flops(lambda: torch.randn(8, 16) @ torch.randn(16, 4)) == 2 * 8 * 16 * 4
+    B, H, L, d = 2, 3, 10, 8
+    q, k, v = (torch.randn(B, H, L, d, requires_grad=True) for _ in range(3))
+    forward = 4 * B * H * L * L * d
+    assert train_step.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == forward
+    assert train_step.count_flops(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()) == 3.5 * forward
+    # a training step, counted on a copy: the timed model is not stepped
+    step = train_step.RepositoryStep(ROOT, step_args())
+    before = [p.clone() for p in step.model.parameters()]
+    flops = step.flops()
+    assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters()))
+    tokens = step.batches[0].hidden_patches.shape[0] * step.batches[0].hidden_patches.shape[1]
+    assert flops > 3 * 2 * tokens * 64 * 128  # at least the predictor's last projection, forward and backward
+    with FlopCounterMode(display=False) as plain:  # torch's counter alone misses the CPU attention kernel
+        model = copy.deepcopy(step.model)
+        step.training_step(model, step.make_optimizer(model), step.batches[0], 0.996)
+    assert flops > plain.get_total_flops()
     assert train_step.matmul_flops_per_s(256, repeats=2) > 1e8
 
 
 @pytest.mark.slow
-def test_train_step_command_line_prints_the_flops_of_its_step():
+def test_train_step_command_line_times_two_versions_side_by_side(tmp_path):
+    # --compare with a folder that holds this very code: both rows count the same FLOPs
     out = run("train_step.py", "--model", "micro", "--size", 32, "--batch", 4, "--predictor-dim", 64,
-              "--predictor-depth", 2, "--warmup", 0, "--steps", 2, "--matmul-size", 256)
-    # the same model and first batch, counted here: the script's seeds decide the masks, so the FLOPs
-    torch.manual_seed(0)
-    model = M.IJEPA(M.JEPAConfig(model="micro", patch_size=8, predictor_dim=64, predictor_depth=2))
-    batch = M.mask_images(torch.rand(4, 3, 32, 32), 8, M.make_masking("multiblock"), torch.Generator().manual_seed(0))
-    expected = train_step.step_flops(model, torch.optim.AdamW(model.parameters()), batch) / 1e9
-    number = lambda pattern: float(re.search(pattern, out).group(1))  # noqa: E731
-    assert number(r"model FLOPs per step: ([\d.]+) GFLOP") == pytest.approx(expected, abs=0.005 + 1e-9)
-    assert "whole image 16" in out
-    # achieved = FLOPs per step x steps per second = FLOPs per step x images/s / batch
-    achieved, per_s = number(r"achieved: ([\d.]+) GFLOP/s"), number(r"images/s: ([\d.]+)")
-    assert achieved == pytest.approx(expected * per_s / 4, rel=0.02, abs=0.06)
-    limit, share = number(r"matmul on this machine: ([\d.]+) GFLOP/s"), number(r"the step reaches (\d+)% of it")
-    assert abs(share - 100 * achieved / limit) <= 1 + 100 * 0.06 / limit
+              "--predictor-depth", 2, "--batches", 2, "--warmup", 0, "--steps", 1, "--rounds", 2,
+              "--matmul-size", 256, "--compare", ROOT, "--json", tmp_path / "step.json")
+    result = json.loads((tmp_path / "step.json").read_text())
+    assert result["command"].startswith("python benchmarks/train_step.py --model micro")
+    assert len(result["matmul_gflop_per_s_each_round"]) == 2
+    this, other = result["rows"]
+    assert this["steps"] == other["steps"] == 2
+    expected = train_step.RepositoryStep(ROOT, step_args()).flops() / 1e9  # the same seeds: the same model and masks
+    assert this["gflop_per_step"] == pytest.approx(expected) and other["gflop_per_step"] == pytest.approx(expected)
+    # what is printed is what was measured: images/s = batch / step; FLOP/s = FLOPs / step; share = FLOP/s / limit
+    number = lambda pattern: [float(x) for x in re.findall(pattern, out)]  # noqa: E731
+    for row, per_s, achieved, share in zip(result["rows"], number(r"images/s: ([\d.]+)"),
+                                           number(r"achieved: ([\d.]+) GFLOP/s"), number(r"reaches (\d+)%")):
+        assert per_s == pytest.approx(4 / row["step_s"], abs=0.006)
+        assert achieved == pytest.approx(expected / row["step_s"], abs=0.06)
+        assert share == pytest.approx(100 * row["gflop_per_s"] / result["matmul_gflop_per_s"], abs=0.5)
+    ratio = number(r"this checkout against --compare \S+: ([\d.]+)x the images/s")
+    assert ratio == [pytest.approx(this["images_per_s"] / other["images_per_s"], abs=0.006)]
+
+
+@pytest.mark.slow
+def test_train_step_profile_accounts_for_every_operator():
+    out = run("train_step.py", "--profile", "--model", "micro", "--size", 32, "--batch", 4, "--predictor-dim", 64,
+              "--predictor-depth", 2, "--batches", 2, "--warmup", 1, "--steps", 2)
+    lines = re.findall(r"^ +([\d.]+) s +([\d.]+)%  (.+)$", out, flags=re.M)
+    names = [name for _, _, name in lines]
+    assert names[:2] == list(train_step.OP_GROUPS) and names[-1] == "every other operator"
+    assert not set(names[2:-1]) & {op for ops in train_step.OP_GROUPS.values() for op in ops}  # none counted twice
+    assert sum(float(share) for _, share, _ in lines) == pytest.approx(100, abs=1)
+    assert float(lines[0][1]) > 10  # the matrix products are a large part of even this small step
+
+
+def test_train_step_says_what_is_wrong_with_what_it_is_pointed_to():
+    def fails(*args):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), *map(str, args)],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode != 0
+        return out.stderr
+    assert "neither a folder nor a git revision" in fails("--compare", "no-such-revision-xyz")
+    assert "expected a checkout of facebookresearch/ijepa" in fails("--official", ROOT)
+    assert "has no 'micro' encoder" in fails("--official", ROOT, "--model", "micro")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,6 +136,53 @@ def test_padding_never_changes_a_real_token():
     assert torch.isfinite(o2.loss)
 
 
+def test_drop_padding_puts_real_tokens_first_and_restore_padding_undoes_it():
+    x = torch.arange(12.0).reshape(2, 6, 1)
+    sample = torch.tensor([[0, -1, 0, 0, -1, -1], [-1, 1, -1, 1, -1, -1]])
+    tokens, ids, kept = M.drop_padding(x, sample)
+    # each row's real tokens first, in order; the rows are as long as the longest real row (3)
+    assert torch.equal(ids, torch.tensor([[0, 0, 0], [1, 1, -1]]))
+    assert torch.equal(tokens[:2, :2, 0], torch.tensor([[0.0, 2.0], [7.0, 9.0]]))
+    assert tokens[0, 2, 0] == 3.0 and ids[1, 2] == -1  # row 1 keeps one padding slot to fill its row
+    back = M.restore_padding(tokens, kept, 6)
+    real = sample >= 0
+    assert torch.equal(back[real], x[real])
+    assert torch.equal(back[0, [1, 4, 5], 0], torch.zeros(3))  # the slots it cut are 0
+    # nothing to cut: the same tensors back, and nothing to restore
+    full = torch.tensor([[0, 0, 0], [1, 1, 1]])
+    tokens, ids, kept = M.drop_padding(x[:, :3], full)
+    assert kept is None and tokens is not None and torch.equal(tokens, x[:, :3]) and ids is full
+
+
+@pytest.mark.parametrize("feature_norm", ["layernorm", "batchnorm"])
+def test_dropping_padding_gives_every_real_token_the_same_output_and_gradient(feature_norm, monkeypatch):
+    """The blocks run without the padding no row needs (`drop_padding`); under torch.compile
+    nothing is cut and the attention mask keeps real tokens from padding. Both paths agree."""
+    torch.manual_seed(0)
+    model = M.IJEPA(M.JEPAConfig(feature_norm=feature_norm))
+    batch = M.mask_images(torch.rand(6, 3, 48, 48), 8, M.MultiBlockMasking(), torch.Generator().manual_seed(0))
+    patches, pos, sample = batch.whole_images()
+    assert M.drop_padding(patches, sample)[2] is not None  # the teacher's stream has padding to cut
+
+    def run():
+        model.zero_grad()
+        out = model(batch)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    dropped, grads_dropped = run()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the compiled path: nothing is cut
+    kept, grads_kept = run()
+    close = dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dropped.loss, kept.loss, **close)
+    torch.testing.assert_close(dropped.token_loss, kept.token_loss, **close)
+    torch.testing.assert_close(dropped.prediction[dropped.is_target], kept.prediction[kept.is_target], **close)
+    real = batch.hidden_sample >= 0
+    torch.testing.assert_close(dropped.teacher_features[real], kept.teacher_features[real], **close)
+    for a, b in zip(grads_dropped, grads_kept):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_padding_mask_passed_as_attention_mask_is_the_bug():
     """SDPA's boolean mask means True = may attend. Passing a padding mask (True = pad) instead
     makes real tokens attend to padding: the outputs change. The correct mask gives the same

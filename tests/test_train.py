@@ -531,6 +531,31 @@ def test_param_groups_exclude_1d_and_mask_token_from_weight_decay():
     assert decay_ids | no_ids == trainable
 
 
+def test_the_fused_adamw_makes_the_update_of_the_loop_over_parameters():
+    """make_optimizer uses the fused AdamW (one kernel call for every parameter); it must make the
+    update that the plain loop over parameters makes, weight-decay groups included."""
+    torch.manual_seed(0)
+    cfg = T.TrainConfig(weight_decay=(0.1, 0.1))
+    fused_model = M.IJEPA(M.JEPAConfig())
+    loop_model = M.IJEPA(M.JEPAConfig())
+    loop_model.load_state_dict(fused_model.state_dict())
+    fused = T.make_optimizer(fused_model, cfg)
+    loop = torch.optim.AdamW(T.param_groups(loop_model), lr=cfg.lr, betas=T.ADAM_BETAS, weight_decay=cfg.weight_decay[0],
+                             foreach=False)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    before = {name: p.clone() for name, p in fused_model.named_parameters() if p.requires_grad}
+    for _ in range(3):
+        for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+            if a.requires_grad:
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert all(not torch.equal(p, before[name]) for name, p in fused_model.named_parameters() if p.requires_grad)
+
+
 def test_every_cosine_schedule_is_one_half_cosine():
     assert T.cosine(0.0, 2.0, 0.5) == 2.0 and T.cosine(1.0, 2.0, 0.5) == pytest.approx(0.5)
     assert T.cosine(0.5, 2.0, 0.5) == pytest.approx(1.25)  # half-way between, at the middle
