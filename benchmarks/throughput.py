@@ -33,13 +33,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import models as M  # noqa: E402
 import packing as P  # noqa: E402
-from train import param_groups, training_step  # noqa: E402
+from train import TrainConfig, make_optimizer, training_step  # noqa: E402
 
 
 def new_model(args):
     torch.manual_seed(0)
     model = M.IJEPA(M.JEPAConfig(model=args.model, patch_size=args.patch)).to(args.device)
-    return model, torch.optim.AdamW(param_groups(model), lr=1e-4, weight_decay=0.04)
+    return model, make_optimizer(model, TrainConfig())  # the optimiser training uses
 
 
 def timed_step(model, opt, batch, device, forward=None) -> float:

@@ -22,7 +22,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import evaluation.logistic as LR
 import evaluation.stats as ST
-import models as M
 from benchmarks import dataset_speed, digits_folder, learning, methods, probe_agreement, probe_speed, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -321,8 +320,8 @@ def test_probe_vs_steps_probes_each_kept_checkpoint_and_draws_the_curve(tmp_path
 
 def step_args(**changes):
     """The command-line namespace of train_step.py, with a small configuration."""
-    args = dict(model="micro", size=32, patch=8, batch=4, masking="multiblock", predictor_dim=64, predictor_depth=2,
-                batches=2, warmup=0)
+    args = {"model": "micro", "size": 32, "patch": 8, "batch": 4, "masking": "multiblock", "predictor_dim": 64,
+            "predictor_depth": 2, "batches": 2, "warmup": 0}
     return argparse.Namespace(**{**args, **changes})
 
 
@@ -378,7 +377,7 @@ def test_train_step_command_line_times_two_versions_side_by_side(tmp_path):
 def test_train_step_profile_accounts_for_every_operator():
     out = run("train_step.py", "--profile", "--model", "micro", "--size", 32, "--batch", 4, "--predictor-dim", 64,
               "--predictor-depth", 2, "--batches", 2, "--warmup", 1, "--steps", 2)
-    lines = re.findall(r"^ +([\d.]+) s +([\d.]+)%  (.+)$", out, flags=re.M)
+    lines = re.findall(r"^ +([\d.]+) s +([\d.]+)%  (.+)$", out, flags=re.MULTILINE)
     names = [name for _, _, name in lines]
     assert names[:2] == list(train_step.OP_GROUPS) and names[-1] == "every other operator"
     assert not set(names[2:-1]) & {op for ops in train_step.OP_GROUPS.values() for op in ops}  # none counted twice
@@ -389,7 +388,7 @@ def test_train_step_profile_accounts_for_every_operator():
 def test_train_step_says_what_is_wrong_with_what_it_is_pointed_to():
     def fails(*args):
         out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), *map(str, args)],
-                             capture_output=True, text=True, cwd=ROOT)
+                             capture_output=True, text=True, cwd=ROOT, check=False)
         assert out.returncode != 0
         return out.stderr
     assert "neither a folder nor a git revision" in fails("--compare", "no-such-revision-xyz")

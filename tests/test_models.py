@@ -161,7 +161,7 @@ def test_dropping_padding_gives_every_real_token_the_same_output_and_gradient(fe
     torch.manual_seed(0)
     model = M.IJEPA(M.JEPAConfig(feature_norm=feature_norm))
     batch = M.mask_images(torch.rand(6, 3, 48, 48), 8, M.MultiBlockMasking(), torch.Generator().manual_seed(0))
-    patches, pos, sample = batch.whole_images()
+    patches, _, sample = batch.whole_images()
     assert M.drop_padding(patches, sample)[2] is not None  # the teacher's stream has padding to cut
 
     def run():
@@ -173,7 +173,7 @@ def test_dropping_padding_gives_every_real_token_the_same_output_and_gradient(fe
     dropped, grads_dropped = run()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the compiled path: nothing is cut
     kept, grads_kept = run()
-    close = dict(atol=1e-5, rtol=1e-4)
+    close = {"atol": 1e-5, "rtol": 1e-4}
     torch.testing.assert_close(dropped.loss, kept.loss, **close)
     torch.testing.assert_close(dropped.token_loss, kept.token_loss, **close)
     torch.testing.assert_close(dropped.prediction[dropped.is_target], kept.prediction[kept.is_target], **close)
