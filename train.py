@@ -55,6 +55,8 @@ class TrainConfig:
     patch_size: int = option(8, "patch side in pixels")
     masking: str = option("multiblock", f"one of {sorted(M.MASKINGS)}")
     num_targets: int = option(4, "multiblock masking: target blocks per image (2 leave a larger context on small grids)")
+    context_scale: tuple = option((0.85, 1.0), "multiblock masking: the share of the image the context block covers, "
+                                               "drawn from this range before the targets are cut out of it")
     packing: bool = option(False, "variable-resolution images packed into fixed-shape batches (packing.py)")
     feature_norm: str = option("layernorm", f"one of {M.FEATURE_NORMS}, the normalisation of the targets "
                                             f"(batchnorm: statistics over every rank's batch under torchrun)")
@@ -101,18 +103,23 @@ class TrainConfig:
     def make_masking(self):
         """The mask sampler this run trains with (models.make_masking, with num_targets for multiblock;
         MAE's random masking for --method mae)."""
+        multiblock_only = (self.num_targets != TrainConfig.num_targets
+                           or tuple(self.context_scale) != TrainConfig.context_scale)
         if self.method == "mae":
-            if (self.masking, self.num_targets) != (TrainConfig.masking, TrainConfig.num_targets):
+            if self.masking != TrainConfig.masking or multiblock_only:
                 raise ValueError("--method mae hides a random share of the patches (--mask-ratio); "
-                                 "--masking and --num-targets apply to the JEPAs")
+                                 "--masking, --num-targets and --context-scale apply to the JEPAs")
             return mae.RandomMasking(self.mask_ratio)
         if self.masking != "multiblock":
-            if self.num_targets != TrainConfig.num_targets:
-                raise ValueError(f"--num-targets applies to multiblock masking only, not {self.masking!r}")
+            if multiblock_only:
+                raise ValueError(f"--num-targets and --context-scale apply to multiblock masking only, not {self.masking!r}")
             return M.make_masking(self.masking)
         if self.num_targets < 1:
             raise ValueError(f"--num-targets must be at least 1, got {self.num_targets}")
-        return M.make_masking(self.masking, num_targets=self.num_targets)
+        low, high = self.context_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"--context-scale LOW HIGH: shares of the image with 0 < LOW <= HIGH <= 1, got {low} {high}")
+        return M.make_masking(self.masking, num_targets=self.num_targets, context_scale=(low, high))
 
 
 def build_model(cfg: TrainConfig) -> M.IJEPA:

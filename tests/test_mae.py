@@ -75,7 +75,7 @@ def test_a_training_step_leaves_the_teacher_slot_equal_to_the_encoder():
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "mae"], "--method mae regresses pixels with the mean squared error, as MAE does: add --loss mse"),
-    (["--method", "mae", "--loss", "mse", "--num-targets", "2"], "--masking and --num-targets apply to the JEPAs"),
+    (["--method", "mae", "--loss", "mse", "--num-targets", "2"], "--masking, --num-targets and --context-scale apply to the JEPAs"),
     (["--method", "mae", "--loss", "mse", "--mask-ratio", "0"], "--mask-ratio must be between 0 and 1"),
     (["--method", "mae", "--loss", "mse", "--condition-encoders"], "--method mae has one"),
     (["--method", "byol"], "unknown method 'byol'"),

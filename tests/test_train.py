@@ -327,7 +327,7 @@ def test_mae_and_the_sigreg_jepa_lower_their_losses():
     (["--ema", "0.5", "1.5"], "--ema momenta must be from 0 to 1"),
     (["--predictor-norm", "rms"], "unknown predictor norm 'rms'"),
     (["--method", "mae", "--loss", "mse", "--predictor-norm", "free"], "MAE's decoder predicts pixels"),
-    (["--num-targets", "2", "--masking", "window"], "--num-targets applies to multiblock masking only, not 'window'"),
+    (["--num-targets", "2", "--masking", "window"], "--num-targets and --context-scale apply to multiblock masking only, not 'window'"),
     (["--shift", "-1"], "--shift must be from 0 to less than half the resolution (32), got -1"),
     (["--shift", "16", "--resolution", "32", "--patch-size", "4"], "less than half the resolution (16), got 16"),
 ])
@@ -373,6 +373,24 @@ def test_num_targets_reaches_the_sampler():
     g = torch.Generator().manual_seed(0)
     assert masking.num_targets == 2 and all(len(masking(8, 8, g).blocks) <= 2 for _ in range(50))
     assert T.TrainConfig().make_masking().num_targets == 4  # the demo recipe's
+
+
+def test_context_scale_reaches_the_sampler_and_bad_ranges_are_refused():
+    g = torch.Generator().manual_seed(0)
+    assert T.TrainConfig().make_masking().context_scale == (0.85, 1.0)  # the demo recipe's
+    small = T.parse_args(["--context-scale", "0.3", "0.5"]).make_masking()
+    assert small.context_scale == (0.3, 0.5)
+    # with the targets cut out, a smaller context block leaves fewer context patches on every draw
+    default = T.TrainConfig().make_masking()
+    mean_context = lambda m: sum(len(m(8, 8, g).context) for _ in range(200)) / 200  # noqa: E731
+    assert mean_context(small) < 0.6 * mean_context(default)
+    for low, high in ((0.5, 0.3), (0.0, 0.5), (0.5, 1.2)):
+        with pytest.raises(ValueError, match="--context-scale"):
+            T.TrainConfig(context_scale=(low, high)).make_masking()
+    with pytest.raises(ValueError, match="multiblock masking only"):
+        T.TrainConfig(masking="window", context_scale=(0.3, 0.5)).make_masking()
+    with pytest.raises(ValueError, match="--context-scale apply to the JEPAs"):
+        T.TrainConfig(method="mae", loss="mse", context_scale=(0.3, 0.5)).make_masking()
 
 
 def test_predictor_flags_size_the_predictor():
