@@ -382,7 +382,9 @@ def test_context_scale_reaches_the_sampler_and_bad_ranges_are_refused():
     assert small.context_scale == (0.3, 0.5)
     # with the targets cut out, a smaller context block leaves fewer context patches on every draw
     default = T.TrainConfig().make_masking()
-    mean_context = lambda m: sum(len(m(8, 8, g).context) for _ in range(200)) / 200  # noqa: E731
+    def mean_context(masking):
+        return sum(len(masking(8, 8, g).context) for _ in range(200)) / 200
+
     assert mean_context(small) < 0.6 * mean_context(default)
     for low, high in ((0.5, 0.3), (0.0, 0.5), (0.5, 1.2)):
         with pytest.raises(ValueError, match="--context-scale"):
