@@ -17,6 +17,7 @@ import collections
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -438,11 +439,28 @@ def run_length(cfg: TrainConfig) -> str:
                 if value is not None)
 
 
-def checkpoint_or_train(path: str, cfg: TrainConfig) -> str:
+def checkpoint_or_train(path: str, cfg: TrainConfig, keep_steps=()) -> str:
     """`path` if it holds a finished run; otherwise train `cfg` into path's folder first, and say so.
     A run that stopped part-way (interrupted, or --stop-after) is resumed, not used as it is (a
-    --minutes run cut short cannot be: the error says what to do instead)."""
+    --minutes run cut short cannot be: the error says what to do instead).
+
+    keep_steps: steps at which a copy of the checkpoint is kept beside it as `step-N.pt` (what
+    benchmarks/probe_vs_steps.py probes). The run is trained in segments that stop at each of them
+    (--stop-after), which gives the same run as one invocation: resuming is exact."""
     out = os.path.dirname(path)
+    for at in sorted(keep_steps):
+        copy = os.path.join(out, f"step-{at}.pt")
+        if os.path.exists(copy):
+            continue
+        done = load_checkpoint(path)["step"] if os.path.exists(path) else 0
+        if done > at:
+            raise ValueError(f"{path} is already at step {done}, past {at}: its step-{at}.pt can no longer be "
+                             f"kept; train afresh into another folder, or drop {at} from the steps to keep")
+        if done < at:
+            print(f"training {out} to step {at} (a copy of the checkpoint is kept there)")
+            train(TrainConfig(**{**asdict(cfg), "out": out, "resume": done > 0, "stop_after": at - done}))
+        shutil.copyfile(path, copy + ".tmp")
+        os.replace(copy + ".tmp", copy)  # a copy is whole or absent, as the checkpoint itself
     if not os.path.exists(path):
         print(f"no checkpoint at {path}: training one now ({run_length(cfg)} of {cfg.model} into {out})")
         train(TrainConfig(**{**asdict(cfg), "out": out}))

@@ -28,14 +28,18 @@ def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
 
 
 @torch.no_grad()
-def image_rankme(encoder, images: torch.Tensor) -> float:
-    """RankMe as its paper defines it (Garrido et al. 2023), on image-level embeddings: here the
-    mean-pooled final tokens of `encoder` for a fixed set of images (N, C, H, W), N >= D for a
-    full-range value."""
+def image_embeddings(encoder, images: torch.Tensor) -> torch.Tensor:
+    """Image-level embeddings (N, D): the mean-pooled final tokens of `encoder` for images (N, C, H, W)."""
     was_training = encoder.training
     embeddings = encoder.eval().encode(images).float().mean(1)  # (N, D)
     encoder.train(was_training)
-    return rankme(embeddings)
+    return embeddings
+
+
+def image_rankme(encoder, images: torch.Tensor) -> float:
+    """RankMe as its paper defines it (Garrido et al. 2023), on image-level embeddings
+    (`image_embeddings`) of a fixed set of images (N, C, H, W), N >= D for a full-range value."""
+    return rankme(image_embeddings(encoder, images))
 
 
 def lidar(embeddings: torch.Tensor, delta: float = 1e-4, eps: float = 1e-7) -> float:
@@ -62,18 +66,20 @@ def lidar(embeddings: torch.Tensor, delta: float = 1e-4, eps: float = 1e-7) -> f
 
 
 @torch.no_grad()
-def masked_view_embeddings(encoder, images: torch.Tensor, masking, views: int, seed: int = 0) -> torch.Tensor:
-    """Images (N, C, H, W) -> (N, views, D): each view is the encoder run on the context patches of
-    a fresh mask from `masking` (as the student sees an image in training), its tokens mean-pooled.
-    The masks come from one generator seeded with `seed`, so every encoder gets the same views."""
-    was_training = encoder.training
-    encoder.eval()
+def masked_view_embeddings(model, images: torch.Tensor, masking, views: int, seed: int = 0) -> torch.Tensor:
+    """Images (N, C, H, W) -> (N, views, D): each view is the student of `model` (an IJEPA) on the
+    context of a fresh mask from `masking`, its tokens mean-pooled: the student as it sees an image
+    in training, through `model.encode_context`, so that an encoder-conditioned student
+    (studies/ec_ijepa.py) also gets the target positions it was trained with. The masks come from
+    one generator seeded with `seed`, so every model gets the same views."""
+    was_training = model.training
+    model.eval()
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(views):
-        batch = M.mask_images(images, encoder.cfg.patch_size, masking, g)
-        tokens = encoder(batch.context_patches, batch.context_pos, batch.context_sample)  # (N, Lc, D), one image a row
+        batch = M.mask_images(images, model.cfg.patch_size, masking, g)
+        tokens = model.encode_context(batch)  # (N, Lc, D), one image a row
         real = (batch.context_sample >= 0)[..., None]  # (N, Lc, 1): padding out of the mean
         out.append((tokens * real).sum(1) / real.sum(1))
-    encoder.train(was_training)
+    model.train(was_training)
     return torch.stack(out, 1)  # (N, views, D)

@@ -23,15 +23,14 @@ import models as M
 POOLED_TOKENS = 8  # conditioning tokens per image and stream
 
 
-def position_tokens(pos, valid, sample, images_per_row: int, dim: int):
-    """Pooled position tokens of the `valid` tokens of each image.
+def pooling_slots(valid, sample, images_per_row: int):
+    """Which conditioning token each `valid` token is pooled into.
 
-    pos (B, L, 2), valid (B, L) bool, sample (B, L) image ids (each image's tokens contiguous in its
-    row, as MaskedBatch lays them out) -> tokens (B, S, dim) and their sample ids (B, S), with
-    S = POOLED_TOKENS * images_per_row: a fixed shape, so a compiled model does not recompile.
-    Image k of a row fills slots k*POOLED_TOKENS onwards; its n valid tokens, in stream order, are
-    cut into runs of ceil(n / POOLED_TOKENS). Unused slots get sample id -1 and act as padding.
-    """
+    valid (B, L) bool, sample (B, L) image ids (each image's tokens contiguous in its row, as
+    MaskedBatch lays them out) -> slot (B, L) in [0, POOLED_TOKENS * images_per_row): image k of a
+    row owns slots k*POOLED_TOKENS onwards; its n valid tokens, in stream order, are cut into runs
+    of ceil(n / POOLED_TOKENS), one slot a run. The slot of a token that is not valid is 0 and means
+    nothing."""
     B, L = sample.shape
     R, P = images_per_row, POOLED_TOKENS
     real = sample >= 0
@@ -42,12 +41,23 @@ def position_tokens(pos, valid, sample, images_per_row: int, dim: int):
         1, ordinal, torch.where(valid, before, L), reduce="amin")  # (B, R) valid tokens before each image
     count = torch.zeros(B, R, dtype=torch.long, device=sample.device).scatter_add(1, ordinal, valid.long())  # (B, R)
     run = ((count + P - 1) // P).clamp(min=1).gather(1, ordinal)  # (B, L) run length of the token's image
-    slot = torch.where(valid, ordinal * P + (before - start.gather(1, ordinal)) // run, 0)  # (B, L) in [0, R*P)
+    return torch.where(valid, ordinal * P + (before - start.gather(1, ordinal)) // run, 0)  # (B, L)
 
+
+def position_tokens(pos, valid, sample, images_per_row: int, dim: int):
+    """Pooled position tokens of the `valid` tokens of each image.
+
+    pos (B, L, 2), valid (B, L) bool, sample (B, L) image ids -> tokens (B, S, dim) and their sample
+    ids (B, S), with S = POOLED_TOKENS * images_per_row: a fixed shape, so a compiled model does not
+    recompile. Each token is the mean sin-cos embedding of one run of `pooling_slots`. Unused slots
+    get sample id -1 and act as padding.
+    """
+    B, S = sample.shape[0], POOLED_TOKENS * images_per_row
+    slot = pooling_slots(valid, sample, images_per_row)  # (B, L)
     emb = M.sincos_2d(pos, dim) * valid[..., None]  # (B, L, D), zero where not pooled
-    sums = emb.new_zeros(B, R * P, dim).scatter_add_(1, slot[..., None].expand(-1, -1, dim), emb)
-    counts = emb.new_zeros(B, R * P).scatter_add_(1, slot, valid.to(emb.dtype))
-    ids = torch.full((B, R * P), -1, device=sample.device).scatter_reduce_(
+    sums = emb.new_zeros(B, S, dim).scatter_add_(1, slot[..., None].expand(-1, -1, dim), emb)
+    counts = emb.new_zeros(B, S).scatter_add_(1, slot, valid.to(emb.dtype))
+    ids = torch.full((B, S), -1, device=sample.device).scatter_reduce_(
         1, slot, torch.where(valid, sample, -1), reduce="amax")  # (B, S), -1 = unused
     return sums / counts.clamp(min=1)[..., None], ids
 

@@ -28,6 +28,15 @@ def test_position_tokens_pool_runs_of_each_image_on_a_hand_made_row():
     assert ids[0].tolist() == [5, 5, 5] + [-1] * (P - 3) + [6, 6] + [-1] * (P - 2)
 
 
+def test_pooling_slots_cut_each_image_into_runs_of_ceil_n_over_8():
+    # one row: image 0 has 10 valid tokens (runs of 2: slots 0..4), image 1 has 3 valid tokens
+    # between two that are not (runs of 1: slots 8, 9, 10), then padding
+    sample = torch.tensor([[0] * 10 + [1] * 5 + [-1, -1]])
+    valid = torch.tensor([[True] * 10 + [False, True, True, True, False] + [False, False]])
+    slot = EC.pooling_slots(valid, sample, images_per_row=2)
+    assert slot[valid].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 8, 9, 10]
+
+
 def test_position_tokens_average_runs_of_ceil_n_over_8():
     h, w = 5, 4  # 20 tokens -> runs of 3: slots hold 3, 3, 3, 3, 3, 3, 2 tokens
     pos = M.grid_coords(h, w)[None]

@@ -516,18 +516,29 @@ def test_lidar_counts_the_directions_in_which_images_differ_more_than_their_view
         RM.lidar(torch.zeros(10, 1, 4))
 
 
-def test_masked_views_are_the_encoder_on_each_context_alone():
+def test_masked_views_are_the_student_on_each_context_as_in_training():
+    import studies.ec_ijepa as EC
     torch.manual_seed(0)
-    encoder = M.VisionTransformer(M.ViTConfig(patch_size=8, dim=32, depth=2, heads=4))
     images = torch.rand(3, 3, 32, 32)
     masking = M.make_masking("multiblock")
-    views = RM.masked_view_embeddings(encoder, images, masking, views=2, seed=1)
-    assert views.shape == (3, 2, 32) and encoder.training  # the caller's mode is given back
-    # the first view of image 1, directly: the same draws, then that image's context alone through the encoder
+    model = M.IJEPA(M.JEPAConfig(model="micro"))
+    views = RM.masked_view_embeddings(model, images, masking, views=2, seed=1)
+    assert views.shape == (3, 2, model.student.cfg.dim) and model.training  # the caller's mode is given back
+    # the first view of image 1, directly: the same draws, then that image's context alone through the student
     g = torch.Generator().manual_seed(1)
     batch = M.mask_images(images, 8, masking, g)
     keep = batch.context_sample[1] >= 0
     with torch.no_grad():
-        alone = encoder.eval()(batch.context_patches[1:2, keep], batch.context_pos[1:2, keep],
-                               torch.zeros(1, int(keep.sum()), dtype=torch.long))
+        alone = model.student.eval()(batch.context_patches[1:2, keep], batch.context_pos[1:2, keep],
+                                     torch.zeros(1, int(keep.sum()), dtype=torch.long))
     torch.testing.assert_close(views[1, 0], alone[0].mean(0), atol=1e-5, rtol=1e-4)
+    # an encoder-conditioned student is given the target positions, as in training: its views are
+    # encode_context's tokens, and differ from the same student run without them
+    conditioned = EC.ConditionedIJEPA(M.JEPAConfig(model="micro")).eval()
+    views = RM.masked_view_embeddings(conditioned, images, masking, views=1, seed=1)
+    with torch.no_grad():
+        tokens = conditioned.encode_context(batch)[1:2, keep]
+        plain = conditioned.student(batch.context_patches[1:2, keep], batch.context_pos[1:2, keep],
+                                    torch.zeros(1, int(keep.sum()), dtype=torch.long))
+    torch.testing.assert_close(views[1, 0], tokens[0].mean(0), atol=1e-5, rtol=1e-4)
+    assert (views[1, 0] - plain[0].mean(0)).abs().max() > 1e-3

@@ -62,6 +62,23 @@ def test_checkpoint_or_train_finishes_a_stopped_run_and_then_leaves_it_alone(tmp
     assert os.path.getmtime(path) == before
 
 
+def test_checkpoint_or_train_keeps_copies_at_steps_and_trains_the_same_run(tmp_path, capsys):
+    cfg = T.TrainConfig(steps=6, **TINY)
+    path = str(tmp_path / "kept" / "checkpoint.pt")
+    assert T.checkpoint_or_train(path, cfg, keep_steps=(4, 2)) == path
+    for at in (2, 4):
+        assert torch.load(tmp_path / "kept" / f"step-{at}.pt", weights_only=True)["step"] == at
+    assert torch.load(path, weights_only=True)["step"] == 6
+    straight = T.train(T.TrainConfig(**{**dataclasses.asdict(cfg), "out": str(tmp_path / "straight")}), progress=False)
+    kept = T.model_from_checkpoint(path)[0].state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in straight.model.state_dict().items())  # segments = one run
+    capsys.readouterr()
+    T.checkpoint_or_train(path, cfg, keep_steps=(2, 4))  # everything there: nothing trained
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="already at step 6, past 5.*train afresh"):
+        T.checkpoint_or_train(path, cfg, keep_steps=(5,))
+
+
 @pytest.fixture
 def steady_clock(monkeypatch):
     """A clock that advances 10 ms each time it is read: every step takes the same time, whatever
