@@ -6,7 +6,8 @@ Data for I-JEPA experiments, in one file.
    cylinder or cone) and 0-3 smaller distractors stand on a checker ground under a sky, lit by a
    random sun with exact shadows. Labels per image: `shape` (the main object's), `count` (class c =
    c + 1 objects) and `distance` (bucket of the camera's distance to the nearest object); per pixel:
-   `depth` and `mask` (the main object). render_scenes() renders a batch; SceneDataset caches a split.
+   `depth` and `mask` (the main object); per image also the causes (`scene_factors`: camera, the main
+   object's place and hue, the sun). render_scenes() renders a batch; SceneDataset caches a split.
 2. ImageNet normalisation: normalize(), denormalize().
 3. Real datasets returning the same item dicts: STL-10, CIFAR-10, a folder of images, NYU Depth v2;
    get_dataset() gives any of them by name.
@@ -217,7 +218,8 @@ def sample_scenes(indices, seed=0, config=SceneConfig()):
     pos[:, 1:, 0], pos[:, 1:, 2] = ring * angle.sin(), ring * angle.cos()
     alive = torch.arange(M)[None, :] <= n_extra[:, None]          # (B, M)
     # colours: one law for every shape and slot, so colour says nothing about the class
-    colour = _hsv(u.next(k=M).flatten(), u.next(0.45, 0.9, k=M).flatten(), u.next(0.55, 0.95, k=M).flatten()).view(B, M, 3)
+    hue = u.next(k=M)                                                  # (B, M) in [0, 1)
+    colour = _hsv(hue.flatten(), u.next(0.45, 0.9, k=M).flatten(), u.next(0.55, 0.95, k=M).flatten()).view(B, M, 3)
 
     ground = _hsv(u.next(), u.next(0.0, 0.3), u.next(0.35, 0.7))
     horizon = _hsv(u.next(), u.next(0.0, 0.2), u.next(0.75, 0.95))
@@ -230,10 +232,43 @@ def sample_scenes(indices, seed=0, config=SceneConfig()):
     bcentre = pos + torch.stack([torch.zeros_like(scale), bounds[..., 0] * scale, torch.zeros_like(scale)], -1)
     near = torch.where(alive, (bcentre - cam[:, None]).norm(dim=-1), math.inf).min(1).values
     return dict(cam=cam, aim=aim, light=light, ambient=ambient, kind=kind, scale=scale, yaw=yaw, pos=pos,
-                alive=alive, colour=colour, bcentre=bcentre, bradius=bounds[..., 1] * scale,
+                alive=alive, hue=hue, colour=colour, bcentre=bcentre, bradius=bounds[..., 1] * scale,
                 ground=ground, horizon=horizon, zenith=zenith, checker=checker, jitter=jitter,
                 noise_at=noise_at, shape=kind[:, 0].clone(), count=n_extra, nearest=near,
                 distance=torch.bucketize(near, torch.tensor(config.distance_edges)))
+
+# The causes of a scene, as continuous labels for the factor probe (evaluation/factors.py): what a
+# frozen encoder's features say about how the scene was made, beyond the three class labels.
+FACTORS = ("camera_height", "camera_distance", "camera_azimuth", "object_row", "object_column", "object_hue",
+           "sun_elevation", "sun_azimuth")
+# Angles, with the symmetry the image leaves them: the checker ground looks the same every 90 degrees
+# of camera azimuth, so only 4 x the azimuth can be read from an image (the factor probe regresses
+# (cos k a, sin k a)). The sun's azimuth is the one relative to the camera's, which the shadows show.
+ANGLE_SYMMETRY = {"camera_azimuth": 4, "object_hue": 1, "sun_azimuth": 1}
+
+
+def scene_factors(layout: dict, masks: torch.Tensor) -> dict:
+    """The causes of N scenes from their layout (`sample_scenes`) and main-object masks (N, H, W):
+    {name in FACTORS: (N,) float64}. Camera height above the ground and distance from its aim point
+    in scene units; angles in radians (camera azimuth in the world, the main object's hue as an
+    angle, the sun's elevation and its azimuth relative to the camera's); the main object's place in
+    the image as the centroid of its mask, a fraction of the image's height or width (NaN where the
+    object is hidden)."""
+    back = (layout["cam"] - layout["aim"]).double()  # (N, 3) from the aim point to the camera
+    light = layout["light"].double()
+    camera_azimuth = torch.atan2(back[:, 0], back[:, 2])
+    sun_azimuth = torch.atan2(light[:, 0], light[:, 2])
+    weight = masks.double()  # (N, H, W)
+    area = weight.sum((1, 2))
+    rows = (torch.arange(masks.shape[1], dtype=torch.float64) + 0.5) / masks.shape[1]
+    cols = (torch.arange(masks.shape[2], dtype=torch.float64) + 0.5) / masks.shape[2]
+    hidden = area == 0
+    centroid_row = torch.where(hidden, torch.nan, (weight.sum(2) * rows).sum(1) / area.clamp(min=1))
+    centroid_col = torch.where(hidden, torch.nan, (weight.sum(1) * cols).sum(1) / area.clamp(min=1))
+    return {"camera_height": layout["cam"][:, 1].double(), "camera_distance": back.norm(dim=1),
+            "camera_azimuth": camera_azimuth, "object_row": centroid_row, "object_column": centroid_col,
+            "object_hue": 2 * math.pi * layout["hue"][:, 0].double(), "sun_elevation": torch.asin(light[:, 1]),
+            "sun_azimuth": torch.remainder(sun_azimuth - camera_azimuth, 2 * math.pi)}
 
 # -----------------------------------------------------------------------------
 # The ray caster. Rays are only tested against an object where they can possibly hit it: inside the
@@ -580,6 +615,11 @@ class SceneDataset(Dataset):
     def masks(self):
         """Every main-object mask at once: (N, H, W) bool, True on the main object's pixels."""
         return self._every("mask").bool()
+
+    def factors(self):
+        """The causes of every scene (`scene_factors`): {name in FACTORS: (N,) float64}."""
+        indices = np.arange(len(self)) + SPLIT_OFFSET[self.split]
+        return scene_factors(sample_scenes(indices, self.seed, self.config), self.masks())
 
     def _every(self, key):
         return torch.cat([self._chunk(c)[key] for c in range((len(self) + self.chunk - 1) // self.chunk)])

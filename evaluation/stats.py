@@ -1,5 +1,6 @@
-"""Standard errors, one definition each (of an accuracy, of a mean of per-image values), and the one
-rule every verdict of the project uses to compare two measurements."""
+"""Standard errors, one definition each (of an accuracy, of a mean of per-image values, and by the
+bootstrap of any statistic of images), and the one rule every verdict of the project uses to
+compare two measurements."""
 
 import math
 from dataclasses import dataclass
@@ -21,6 +22,16 @@ def mean_and_se(values) -> dict:
     v = torch.as_tensor(values, dtype=torch.float64).flatten()
     se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else math.nan
     return {"mean": float(v.mean()), "se": se}
+
+
+def bootstrap_se(statistic, rows: torch.Tensor, resamples: int = 100, seed: int = 0) -> float:
+    """The standard error of statistic(rows) over the sampling of its rows (images): the standard
+    deviation of the statistic over `resamples` resamplings of the rows with replacement."""
+    if len(rows) < 2 or resamples < 2:
+        raise ValueError(f"the bootstrap needs at least 2 rows and 2 resamples, got {len(rows)} and {resamples}")
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(rows), (resamples, len(rows)), generator=g)
+    return float(torch.tensor([statistic(rows[pick]) for pick in picks], dtype=torch.float64).std())
 
 
 @dataclass(frozen=True)

@@ -18,19 +18,10 @@ so no formula gives its spread.
 import torch
 
 from evaluation.rankme import image_embeddings, lidar, masked_view_embeddings, rankme
+from evaluation.stats import bootstrap_se
 
 CONTEXT_SCALES = ((0.85, 1.0), (0.5, 0.7), (0.3, 0.5))  # claim 3: the default range first, then smaller contexts
 KEEP_STEPS = (75, 150, 300, 600)  # claim 4: the probed points along a run (and its last step)
-
-
-def bootstrap_se(statistic, rows: torch.Tensor, resamples: int = 100, seed: int = 0) -> float:
-    """The standard error of statistic(rows) over the sampling of its rows (images): the standard
-    deviation of the statistic over `resamples` resamplings of the rows with replacement."""
-    if len(rows) < 2 or resamples < 2:
-        raise ValueError(f"the bootstrap needs at least 2 rows and 2 resamples, got {len(rows)} and {resamples}")
-    g = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(rows), (resamples, len(rows)), generator=g)
-    return float(torch.tensor([statistic(rows[pick]) for pick in picks], dtype=torch.float64).std())
 
 
 def rank_measures(model, images: torch.Tensor, masking, views: int = 8, seed: int = 0, resamples: int = 100) -> dict:

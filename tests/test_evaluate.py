@@ -441,6 +441,16 @@ def test_the_probe_command_checks_the_dataset_before_any_checkpoint(tmp_path, ca
     assert err.count("\n") == 1 and err.startswith("evaluate.py: error:")
 
 
+def test_bootstrap_se_of_a_mean_is_the_formula():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(400, generator=g, dtype=torch.float64)
+    expected = float(values.std()) / len(values) ** 0.5  # about 0.05
+    assert ST.bootstrap_se(lambda v: float(v.mean()), values, resamples=400) == pytest.approx(expected, rel=0.15)
+    assert ST.bootstrap_se(lambda v: float(v.mean()), torch.ones(50), resamples=20) == 0.0  # no spread, no error
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        ST.bootstrap_se(lambda v: 0.0, torch.ones(1))
+
+
 def test_compare_counts_a_difference_beyond_two_standard_errors_of_the_difference():
     # se of the difference: hypot(0.03, 0.04) = 0.05, so 0.11 is 2.2 s.e. and 0.09 is 1.8
     assert ST.compare(0.61, 0.03, 0.50, 0.04).z == pytest.approx(2.2)
