@@ -1,6 +1,7 @@
 """The classification probe of one encoder, the protocol used everywhere in this project: the linear
 probe on every layer (the best layer chosen on validation), on the concatenation of the last four
-blocks, and a k-nearest-neighbour probe (cosine, k = 20)."""
+blocks, and a k-nearest-neighbour probe (cosine, k = 20); and the same linear probe with few labels
+(`label_efficiency`)."""
 
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from evaluation.logistic import (
     ProbeResult,
+    linear_probe,
     prepare_features,
     probe_prepared,
     side_by_side,
@@ -92,4 +94,38 @@ def probe_features(train_layers: list, train_y, test_layers: list, test_y, seed:
     k_best = int(np.argmax(knn_val))
     out["knn_layer"] = k_best + 1
     out["knn_top1"] = knn_probe(train_layers[k_best], train_y, test_layers[k_best], test_y)
+    return out
+
+
+def stratified_subset(labels, per_class: int, generator: torch.Generator) -> np.ndarray:
+    """Indices of `per_class` rows of each class of `labels` (N,), drawn without replacement (all of
+    a class's rows when it has fewer), in increasing order."""
+    y = torch.as_tensor(np.asarray(labels))
+    picks = []
+    for c in y.unique():
+        rows = (y == c).nonzero().squeeze(1)
+        picks.append(rows[torch.randperm(len(rows), generator=generator)[:per_class]])
+    return torch.cat(picks).sort().values.numpy()
+
+
+FEW = 5  # below this many labelled images per class, C is not chosen on validation but fixed at 1
+
+
+def label_efficiency(train_x, train_y, test_x, test_y, per_class=(1, 10, 100), draws: int = 5, seed: int = 0) -> dict:
+    """The linear probe (`linear_probe`) fitted on only `per_class` labelled training images of each
+    class, for each budget, over `draws` seeded draws of those images: {n: {"top1": the mean over
+    draws, "stderr": their standard deviation / sqrt(draws), "draws": each draw's top-1}}. Below FEW
+    images per class a validation fifth would hold a single image or none, so C is fixed at 1 (the
+    default of scikit-learn's LogisticRegression) instead of chosen on it."""
+    train_x, train_y = np.asarray(train_x), np.asarray(train_y)
+    out = {}
+    for n in per_class:
+        g = torch.Generator().manual_seed(seed)
+        scores = []
+        for _ in range(draws):
+            rows = stratified_subset(train_y, n, g)
+            Cs = (1.0,) if n < FEW else (0.01, 0.1, 1.0, 10.0)
+            scores.append(linear_probe(train_x[rows], train_y[rows], test_x, test_y, Cs=Cs, seed=seed).top1)
+        out[n] = {"top1": float(np.mean(scores)), "stderr": float(np.std(scores, ddof=1) / np.sqrt(draws)) if draws > 1
+                  else float("nan"), "draws": scores}
     return out

@@ -552,3 +552,24 @@ def test_masked_views_are_the_student_on_each_context_as_in_training():
                                     torch.zeros(1, int(keep.sum()), dtype=torch.long))
     torch.testing.assert_close(views[1, 0], tokens[0].mean(0), atol=1e-5, rtol=1e-4)
     assert (views[1, 0] - plain[0].mean(0)).abs().max() > 1e-3
+
+def test_a_stratified_subset_takes_so_many_of_each_class():
+    y = np.array([0] * 10 + [1] * 3 + [2] * 7)
+    rows = PR.stratified_subset(y, 4, torch.Generator().manual_seed(0))
+    assert np.bincount(y[rows]).tolist() == [4, 3, 4] and len(set(rows.tolist())) == len(rows)  # all 3 of class 1
+
+
+def test_label_efficiency_grows_with_labels_on_clusters_and_stays_at_chance_on_noise():
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 16, generator=g)
+
+    def clusters(n):  # four classes, each a Gaussian cloud around its centre, overlapping a little
+        y = torch.arange(n) % 4
+        return (centres[y] + 2.5 * torch.randn(n, 16, generator=g)).numpy(), y.numpy()
+    (x, y), (x_test, y_test) = clusters(800), clusters(400)
+    got = PR.label_efficiency(x, y, x_test, y_test, per_class=(1, 10, 100), draws=4)
+    assert got[1]["top1"] < got[100]["top1"] and got[100]["top1"] > 0.85 and len(got[10]["draws"]) == 4
+    assert all(r["stderr"] >= 0 for r in got.values())
+    noise = PR.label_efficiency(torch.randn(800, 16, generator=g).numpy(), y, torch.randn(400, 16, generator=g).numpy(),
+                                y_test, per_class=(100,), draws=2)  # features that say nothing of the class
+    assert abs(noise[100]["top1"] - 0.25) < 0.08
