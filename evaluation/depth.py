@@ -11,10 +11,15 @@ from evaluation.stats import mean_and_se
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float):
     """Least squares with an L2 penalty `alpha` on the weights (not the bias): x (n, d), y (n, k) ->
-    a function mapping features to predictions."""
+    a function mapping features to predictions. With more features than rows (raw pixels) the same
+    weights come from the n x n system instead of the d x d one: W = xc^T (xc xc^T + a n I)^-1 yc."""
     mean_x, mean_y = x.mean(0), y.mean(0)
-    xc = x - mean_x
-    W = torch.linalg.solve(xc.T @ xc + alpha * len(x) * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ (y - mean_y))
+    xc, yc = x - mean_x, y - mean_y
+    n, d = x.shape
+    if d > n:
+        W = xc.T @ torch.linalg.solve(xc @ xc.T + alpha * n * torch.eye(n, dtype=x.dtype), yc)
+    else:
+        W = torch.linalg.solve(xc.T @ xc + alpha * n * torch.eye(d, dtype=x.dtype), xc.T @ yc)
     return lambda z: (z - mean_x) @ W + mean_y
 
 

@@ -73,3 +73,14 @@ def test_a_dataset_gives_the_factors_of_its_own_scenes():
     assert f["camera_height"].tolist() == pytest.approx(layout["cam"][:, 1].tolist())
     visible = ds.masks().flatten(1).any(1)
     assert (f["object_row"].isnan() == ~visible).all()
+
+
+def test_ridge_with_more_features_than_rows_is_the_same_map():
+    from evaluation.depth import fit_ridge
+    g = torch.Generator().manual_seed(3)
+    x, y, z = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((20, 30), (20, 2), (5, 30)))
+    wide = fit_ridge(x, y, 0.1)(z)  # the n x n system
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    xc = x - mean_x
+    W = torch.linalg.solve(xc.T @ xc + 0.1 * 20 * torch.eye(30, dtype=x.dtype), xc.T @ (y - mean_y))  # the d x d one
+    torch.testing.assert_close(wide, (z - mean_x) @ W + mean_y)
