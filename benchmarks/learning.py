@@ -144,7 +144,7 @@ def main():
     if args.record:
         name = args.name or "-".join([*args.set, f"seed{args.seed}"])
         record(args.record, name, {**summary, "method": cfg.method, "changes": recipe_changes(args.set),
-                                   "seed": cfg.seed, "checkpoint": args.checkpoint,
+                                   "seed": cfg.seed, "checkpoint": args.checkpoint or (checkpoint if args.out else None),
                                    "command": " ".join(["python", "benchmarks/learning.py", *sys.argv[1:]])})
         print(f"recorded as {name!r} in {args.record}", file=sys.stderr)  # stdout ends with the JSON
 

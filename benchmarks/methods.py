@@ -19,6 +19,7 @@ applies the study's rules, stated before the numbers:
 
     python benchmarks/methods.py benchmarks/results/methods.json        # the sweeps, the seeds, the verdicts
     python benchmarks/methods.py benchmarks/results/methods.json --json  # the same as JSON
+    python benchmarks/methods.py benchmarks/results/methods.json --measure  # first measure every kept checkpoint in full
 
 The runs it reads, in order (R = benchmarks/results/methods.json; M = the I-JEPA baseline's training
 time in minutes, its log's last "seconds" / 60, so that every method gets the same wall-clock budget
@@ -46,6 +47,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import evaluation.stats as ST  # noqa: E402
+import studies.features_vs_pixels as FV  # noqa: E402
+from benchmarks import learning  # noqa: E402
 
 LABELS = ("shape", "count", "distance")
 BASELINE = "ijepa"
@@ -117,6 +120,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", help="the JSON file of runs written by learning.py --record")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--measure", nargs="*", metavar="NAME", help="first measure these runs' encoders in full "
+                    "(studies/features_vs_pixels.py: few labels, fine-tuning, depth, factors; I-JEPA's seed runs also "
+                    "the baselines) and keep the numbers in the file; with no NAME, every run with a checkpoint on "
+                    "disk and no measures yet")
     args = ap.parse_args(argv)
     if not os.path.exists(args.runs):
         print(f"methods.py: error: no file {args.runs}: record runs with benchmarks/learning.py --record {args.runs} "
@@ -124,6 +131,17 @@ def main(argv=None) -> int:
         return 1
     with open(args.runs) as f:
         runs = json.load(f)
+    if args.measure is not None:
+        unknown = set(args.measure) - set(runs)
+        if unknown:
+            print(f"methods.py: error: no runs named {sorted(unknown)} in {args.runs}", file=sys.stderr)
+            return 1
+        for name in args.measure or [n for n, r in runs.items() if "measures" not in r and r.get("checkpoint")
+                                     and os.path.exists(r["checkpoint"])]:
+            print(f"measuring {name} ({runs[name]['checkpoint']})", file=sys.stderr)
+            runs[name]["measures"] = FV.measure_checkpoint(runs[name]["checkpoint"],
+                                                           baselines=name.startswith(f"{BASELINE}-seed"))
+            learning.record(args.runs, name, runs[name])  # kept run by run: a stopped measurement loses one run
     result = {"sweeps": sweeps(runs), "verdicts": verdicts(runs)}
     if args.json:
         print(json.dumps(result, indent=1))

@@ -165,6 +165,25 @@ def test_methods_command_prints_the_sweep_and_the_verdicts(tmp_path, capsys):
     assert "record runs with benchmarks/learning.py --record" in capsys.readouterr().err
 
 
+def test_methods_measure_keeps_each_runs_measures_in_the_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.pt").write_bytes(b"")
+    runs = {"ijepa-seed0": {**method_run("ijepa", 0, 0.5, 0.5), "checkpoint": str(tmp_path / "a.pt")},
+            "mae-seed0": {**method_run("mae", 0, 0.4, 0.4), "checkpoint": str(tmp_path / "a.pt")},
+            "mae-gone": {**method_run("mae", 0, 0.4, 0.4), "checkpoint": str(tmp_path / "deleted.pt")}}
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(runs))
+    calls = []
+    monkeypatch.setattr(methods.FV, "measure_checkpoint",
+                        lambda checkpoint, baselines: calls.append(baselines) or {"baselines": baselines})
+    assert methods.main([str(path), "--measure"]) == 0
+    kept = json.loads(path.read_text())
+    assert kept["ijepa-seed0"]["measures"] == {"baselines": True} and kept["mae-seed0"]["measures"] == {"baselines": False}
+    assert "measures" not in kept["mae-gone"] and calls == [True, False]  # no checkpoint on disk: left alone
+    assert methods.main([str(path), "--measure"]) == 0 and len(calls) == 2  # measured once
+    assert methods.main([str(path), "--measure", "nobody"]) == 1
+    assert "no runs named ['nobody']" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_learning_on_a_folder_trains_with_augmentation_and_probes_its_classes(tmp_path):
     # two classes told apart by colour, in noisy 20 x 20 images (upscaled to 32): an easy label, which raw
