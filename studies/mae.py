@@ -23,6 +23,7 @@ keeps a copy of its encoder there (`update_teacher` copies it after each step): 
 "teacher" or "student" measures the same encoder.
 
     train.py --method mae --loss mse                 # --mask-ratio 0.75, --predictor-depth for the decoder
+    reconstruct(model, images, RandomMasking(), g)   # what it makes of the hidden patches, as pictures
 """
 
 from dataclasses import dataclass
@@ -92,3 +93,33 @@ class MAE(M.IJEPA):
         """No teacher: the slot holds a copy of the encoder, whatever the momentum, so that every
         evaluation that reads the teacher measures the encoder MAE trained."""
         self.teacher.load_state_dict(self.student.state_dict())
+
+
+@torch.no_grad()
+def reconstruct(model: MAE, images: torch.Tensor, masking, g: torch.Generator, normalize=None) -> dict:
+    """What MAE makes of images (N, C, H, W) with a mask drawn by `masking` from `g`: {"visible": the
+    images with their hidden patches blanked (0), "reconstruction": the visible patches with the
+    decoder's predictions in the hidden ones}, both (N, C, H, W) in the images' own units. The
+    decoder predicts each patch's pixels normalised by the patch's own mean and spread
+    (`normalized_pixels`), so they are drawn with the true patch's mean and spread put back, as the
+    MAE paper draws them: the shape of the prediction, not its brightness, is what it made.
+    `normalize` (e.g. data.normalize): applied to the images before the model sees them (and undone
+    by the caller if it wants pictures)."""
+    p = model.cfg.patch_size
+    x = normalize(images) if normalize else images
+    batch = M.mask_images(x, p, masking, g)
+    was_training = model.training
+    out = model.eval()(batch)
+    model.train(was_training)
+    N, (h, w) = len(images), batch.grids[0].tolist()
+    truth = batch.hidden_patches
+    mean, std = truth.mean(-1, keepdim=True), torch.sqrt(truth.var(-1, keepdim=True, unbiased=False) + 1e-6)
+    predicted = out.prediction * std + mean  # (B, Lh, C*p*p) back in the images' units
+    def scatter(patches, pos, sample, keep, into):  # tokens (B, L, C*p*p) -> their images' rasters (N, h*w, C*p*p)
+        into[sample[keep], pos[keep][:, 0] * w + pos[keep][:, 1]] = patches[keep]
+
+    visible = torch.zeros(N, h * w, x.shape[1] * p * p)
+    scatter(batch.context_patches, batch.context_pos, batch.context_sample, batch.context_sample >= 0, visible)
+    filled = visible.clone()
+    scatter(predicted, batch.hidden_pos, batch.hidden_sample, batch.is_target, filled)
+    return {"visible": M.unpatchify(visible, (h, w), p), "reconstruction": M.unpatchify(filled, (h, w), p)}

@@ -110,3 +110,16 @@ def test_every_evaluation_takes_the_checkpoint_of_a_new_method(method, tmp_path)
     assert E.main(["depth", "--checkpoint", ckpt, "--train", "40", "--test", "10",
                    "--json", str(tmp_path / "depth.json")]) == 0
     assert {"teacher", "random_init"} <= set(json.loads((tmp_path / "depth.json").read_text()))
+
+
+def test_a_perfect_decoder_reconstructs_the_image_and_the_visible_part_is_the_context(monkeypatch):
+    torch.manual_seed(0)
+    model = MAE.MAE(M.JEPAConfig(model="micro", loss="mse"))
+    images = torch.rand(3, 3, 32, 32)
+    # a decoder that predicts exactly the targets (each hidden patch's normalised pixels)
+    monkeypatch.setattr(model, "predict", lambda context, batch: MAE.normalized_pixels(batch.hidden_patches))
+    got = MAE.reconstruct(model, images, MAE.RandomMasking(0.75), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got["reconstruction"], images, atol=1e-4, rtol=1e-4)
+    hidden = (got["visible"] == 0).all(1)  # (N, H, W): blanked pixels
+    assert torch.allclose(got["visible"][~hidden[:, None].expand_as(images)], images[~hidden[:, None].expand_as(images)])
+    assert hidden.float().mean() == pytest.approx(0.75, abs=0.01)  # 12 of 16 patches hidden in each image
