@@ -96,23 +96,10 @@ def main():
         steps, total, seconds, final_loss = result.steps, result.total_steps, result.seconds, result.losses[-1]
         checkpoint = os.path.join(out, "checkpoint.pt")
 
-    # the project's probe (evaluate.py), on teacher, student, random init (re-created from the seed) and pixels
-    got = E.checkpoint_features(checkpoint, args.dataset, args.probe_train, args.probe_test, cache_dir=None,
-                                pixels=not args.no_pixels, progress=not args.json, labels=args.labels,
-                                pool_grid=args.pool_grid)
+    results, table = probe_table(checkpoint, args.dataset, args.probe_train, args.probe_test, args.labels,
+                                 pixels=not args.no_pixels, pool_grid=args.pool_grid, progress=not args.json)
     if scratch is not None:
         scratch.cleanup()  # the features are computed: the checkpoint is no longer needed
-    results = E.probe_all(got["features"], got["train_labels"], got["test_labels"], args.labels or got["labels"],
-                          cfg.seed, progress=not args.json)
-    table = {}
-    for label, r in results.items():
-        row = {"chance": r["chance"], "n_test": r["n_test"]}
-        for name in ("teacher", "student", "random_init"):
-            row[name], row[f"{name}_layer"] = r[name]["best_top1"], r[name]["best_layer"]
-            row[f"{name}_val"] = r[name]["best_val_top1"]  # the best layer's validation accuracy: what a sweep may choose by
-        row["pixels"] = r["pixels"]["best_top1"] if "pixels" in r else None
-        row["stderr"] = ST.standard_error(max(row["teacher"], row["student"]), r["n_test"])
-        table[label] = row
 
     changed = f" (changed: {' '.join(args.set)})" if args.set else ""
     where = f"checkpoint {args.checkpoint}" if args.checkpoint else \
@@ -136,9 +123,7 @@ def main():
         "standard error 0: every test image right"  # an accuracy of 1 has no binomial spread
     print(f"{label}: best of teacher/student minus random init = {gain * 100:+.1f} points ({in_se})"
           + ("" if row["pixels"] is None else f"; minus pixels = {(best - row['pixels']) * 100:+.1f} points"))
-    summary = {**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},
-               "minutes": round(minutes, 4), "train_minutes": round(seconds / 60, 4), "steps": steps,
-               "total_steps": total}
+    summary = summarise(table, minutes, seconds, steps, total)
     if args.json:
         print(json.dumps(summary))
     if args.record:
@@ -147,6 +132,34 @@ def main():
                                    "seed": cfg.seed, "checkpoint": args.checkpoint or (checkpoint if args.out else None),
                                    "command": " ".join(["python", "benchmarks/learning.py", *sys.argv[1:]])})
         print(f"recorded as {name!r} in {args.record}", file=sys.stderr)  # stdout ends with the JSON
+
+
+def probe_table(checkpoint: str, dataset: str = "scenes", n_train: int = 4000, n_test: int = 2000, labels=None,
+                pixels: bool = True, pool_grid: int = 1, progress: bool = False) -> tuple:
+    """The project's probe (evaluate.py) of a checkpoint's teacher, student, random init (re-created
+    from the seed) and raw pixels -> (probe_all's results, {label: the row this script prints and
+    records: chance, n_test, each encoder's test top-1, best layer and validation top-1, pixels,
+    stderr})."""
+    got = E.checkpoint_features(checkpoint, dataset, n_train, n_test, cache_dir=None, pixels=pixels, progress=progress,
+                                labels=labels, pool_grid=pool_grid)
+    results = E.probe_all(got["features"], got["train_labels"], got["test_labels"], labels or got["labels"],
+                          got["config"].seed, progress=progress)
+    table = {}
+    for label, r in results.items():
+        row = {"chance": r["chance"], "n_test": r["n_test"]}
+        for name in ("teacher", "student", "random_init"):
+            row[name], row[f"{name}_layer"] = r[name]["best_top1"], r[name]["best_layer"]
+            row[f"{name}_val"] = r[name]["best_val_top1"]  # the best layer's validation accuracy: what a sweep may choose by
+        row["pixels"] = r["pixels"]["best_top1"] if "pixels" in r else None
+        row["stderr"] = ST.standard_error(max(row["teacher"], row["student"]), r["n_test"])
+        table[label] = row
+    return results, table
+
+
+def summarise(table: dict, minutes: float, seconds: float, steps: int, total) -> dict:
+    """The numbers of a run that are kept: the probe table, rounded, and the run's length and time."""
+    return {**{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in table.items()},
+            "minutes": round(minutes, 4), "train_minutes": round(seconds / 60, 4), "steps": steps, "total_steps": total}
 
 
 def save_json(obj, path: str) -> None:

@@ -1,9 +1,14 @@
-"""Why predict features? I-JEPA against MAE and a SIGReg JEPA, from the runs that learning.py recorded.
+"""Why predict features? I-JEPA against MAE and a SIGReg JEPA: the runs, and the rules that judge them.
 
-Every run is made by `benchmarks/learning.py --record FILE --name NAME` (pre-training, then the
-project's probe of teacher, student and random init on `shape`, `count` and `distance`), so the
-file holds each run's numbers and the command that made it. This script reads the file and
-applies the study's rules, stated before the numbers:
+The runs file (R = benchmarks/results/methods.json) holds each run's probe of teacher, student and
+random init on `shape`, `count` and `distance`, the command that made it, and, once measured, every
+number of `studies/features_vs_pixels.py` (few labels, fine-tuning, depth, factors). `--run M`
+makes the runs R lacks (`run_study`): I-JEPA's demo recipe on seeds 0 and 1 (the normalisation
+study's runs, trained if missing), the SWEEPS on seed 0, then seed 1 of each method's kept setting;
+every run but I-JEPA's trains for M minutes, I-JEPA's demo-recipe time on the same machine, so that
+every method gets the same wall-clock budget (MAE's encoder sees a quarter of the tokens, so it
+takes more steps in M). A run made by `benchmarks/learning.py --record R --name NAME --out DIR` is
+read the same way. The rules, stated before the numbers:
 
   1. A sweep per method, on seed 0: each setting of the method's own knob (MAE: --mask-ratio and
      the decoder's depth; SIGReg: its weight) is a run named "<method>-sweep-<anything>". The
@@ -11,33 +16,17 @@ applies the study's rules, stated before the numbers:
      layer, on the validation fifth of the probe's training scenes), averaged over the labels:
      never the test accuracy.
   2. The seeds: the kept setting, and I-JEPA, run over seeds 0 and 1 ("<method>-seed<k>",
-     "ijepa-seed<k>"; the kept sweep run is the method's seed 0 unless a "<method>-seed0" exists). Each method's encoder (I-JEPA's teacher, the encoder the paper probes; the
-     others have one encoder) is compared with I-JEPA's on each label by `evaluation.stats.compare`
-     (beyond 2 standard errors of the difference).
+     "ijepa-seed<k>"; the kept sweep run is the method's seed 0 unless a "<method>-seed0" exists).
+     Each method's encoder (I-JEPA's teacher, the encoder the paper probes; the others have one
+     encoder) is compared with I-JEPA's on each label by `evaluation.stats.compare` (beyond 2
+     standard errors of the difference).
   3. A verdict per label counts only when both seeds agree: "better" or "worse" on both; anything
      else is "no difference the seeds agree on".
 
-    python benchmarks/methods.py benchmarks/results/methods.json        # the sweeps, the seeds, the verdicts
-    python benchmarks/methods.py benchmarks/results/methods.json --json  # the same as JSON
-    python benchmarks/methods.py benchmarks/results/methods.json --measure  # first measure every kept checkpoint in full
-
-The runs it reads, in order (R = benchmarks/results/methods.json; M = the I-JEPA baseline's training
-time in minutes, its log's last "seconds" / 60, so that every method gets the same wall-clock budget
-on the same machine; MAE's encoder sees a quarter of the tokens, so it takes more steps in M):
-
-    # I-JEPA: the demo-recipe models of the normalisation study (Loss_Maps.ipynb trains them)
-    python benchmarks/learning.py --checkpoint checkpoints/norm-study/layernorm-seed0/checkpoint.pt --no-pixels --record R --name ijepa-seed0
-    python benchmarks/learning.py --checkpoint checkpoints/norm-study/layernorm-seed1/checkpoint.pt --no-pixels --record R --name ijepa-seed1
-    # the sweeps, seed 0: MAE's mask ratio and decoder depth, SIGReg's weight
-    python benchmarks/learning.py --minutes M --set method=mae loss=mse mask_ratio=0.6 --no-pixels --record R --name mae-sweep-r0.6
-    python benchmarks/learning.py --minutes M --set method=mae loss=mse mask_ratio=0.75 --no-pixels --record R --name mae-sweep-r0.75
-    python benchmarks/learning.py --minutes M --set method=mae loss=mse mask_ratio=0.75 predictor_depth=1 --no-pixels --record R --name mae-sweep-r0.75-d1
-    python benchmarks/learning.py --minutes M --set method=sigreg sigreg_weight=0.02 --no-pixels --record R --name sigreg-sweep-w0.02
-    python benchmarks/learning.py --minutes M --set method=sigreg sigreg_weight=0.05 --no-pixels --record R --name sigreg-sweep-w0.05
-    python benchmarks/learning.py --minutes M --set method=sigreg sigreg_weight=0.1 --no-pixels --record R --name sigreg-sweep-w0.1
-    # seed 1 with each method's kept setting (its kept sweep run is its seed 0)
-    python benchmarks/learning.py --minutes M --seed 1 --set method=mae loss=mse KEPT --no-pixels --record R --name mae-seed1
-    python benchmarks/learning.py --minutes M --seed 1 --set method=sigreg KEPT --no-pixels --record R --name sigreg-seed1
+    python benchmarks/methods.py R --run 14.2           # make what R lacks (about 2 hours on 2 cores), then judge
+    python benchmarks/methods.py R --measure            # measure every kept checkpoint in full, then judge
+    python benchmarks/methods.py R                      # the sweeps, the seeds, the verdicts
+    python benchmarks/methods.py R --json               # the same as JSON
 """
 
 import argparse
@@ -48,6 +37,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import evaluation.stats as ST  # noqa: E402
 import studies.features_vs_pixels as FV  # noqa: E402
+import train as T  # noqa: E402
 from benchmarks import learning  # noqa: E402
 
 LABELS = ("shape", "count", "distance")
@@ -116,15 +106,101 @@ def verdicts(runs: dict) -> dict:
     return out
 
 
+# The study's runs. The sweeps, on seed 0: each setting of each method's main knob. Seed 1 runs the
+# setting kept (`sweeps`). Every run but I-JEPA's trains for `minutes` of wall-clock time.
+SWEEPS = {
+    "mae-sweep-r0.6": {"method": "mae", "loss": "mse", "mask_ratio": 0.6},
+    "mae-sweep-r0.75": {"method": "mae", "loss": "mse", "mask_ratio": 0.75},
+    "mae-sweep-r0.75-d1": {"method": "mae", "loss": "mse", "mask_ratio": 0.75, "predictor_depth": 1},
+    "sigreg-sweep-w0.02": {"method": "sigreg", "sigreg_weight": 0.02},
+    "sigreg-sweep-w0.05": {"method": "sigreg", "sigreg_weight": 0.05},
+    "sigreg-sweep-w0.1": {"method": "sigreg", "sigreg_weight": 0.1},
+}
+# I-JEPA: the demo recipe, whose runs of seeds 0 and 1 the normalisation study keeps (Loss_Maps.ipynb)
+IJEPA_RUNS = "checkpoints/norm-study/layernorm-seed{seed}"
+
+
+def train_flags(fields: dict) -> list:
+    """TrainConfig fields -> the train.py flags that set them: {"mask_ratio": 0.6, "flip": False,
+    "ema": (0.998, 1.0)} -> ["--mask-ratio 0.6", "--no-flip", "--ema 0.998 1.0"]."""
+    flags = []
+    for key, value in fields.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            flags.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            flags.append(f"{flag} {value}")
+    return flags
+
+
+def run_study(results: str, runs_dir: str, minutes: float, base=None, probe=(4000, 2000), ijepa_runs=IJEPA_RUNS,
+              ijepa_steps: int = T.DEMO_STEPS, measure: bool = True, progress: bool = True) -> dict:
+    """Make every run of the study that `results` (the runs file) lacks, and return the file's runs:
+    I-JEPA's two seeds (the demo recipe, `ijepa_steps` long, trained into `ijepa_runs` if missing), the SWEEPS on seed 0
+    (each for `minutes` into runs_dir/NAME), then seed 1 of each method's kept setting; each is
+    probed (`learning.probe_table`, no pixels) and recorded with the command that makes it, then,
+    with `measure`, measured in full (`measure_runs`). `base`: TrainConfig fields every run shares
+    (small runs for the notebook's quick mode). A run already in the file is not made again."""
+    base = base or {}
+    runs = {}
+    if os.path.exists(results):
+        with open(results) as f:
+            runs = json.load(f)
+
+    def make(name, changes, seed, steps=None, out=None):
+        if name in runs:
+            return
+        out = out or os.path.join(runs_dir, name)
+        length = {"steps": steps} if steps else {"minutes": minutes}
+        cfg = T.TrainConfig(seed=seed, **length, **base, **changes)
+        checkpoint = T.checkpoint_or_train(os.path.join(out, "checkpoint.pt"), cfg)
+        trained = T.load_checkpoint(checkpoint)
+        _, table = learning.probe_table(checkpoint, "scenes", *probe, pixels=False, progress=progress)
+        command = " ".join(["python train.py", *train_flags({**base, **changes, "seed": seed, **length, "out": out})])
+        runs[name] = {**learning.summarise(table, 0.0, trained["seconds"], trained["step"], trained["total_steps"]),
+                      "method": cfg.method, "changes": changes, "seed": seed, "checkpoint": checkpoint,
+                      "command": command}
+        learning.record(results, name, runs[name])
+
+    for seed in (0, 1):
+        make(f"{BASELINE}-seed{seed}", {}, seed, steps=ijepa_steps, out=ijepa_runs.format(seed=seed))
+    for name, changes in SWEEPS.items():
+        make(name, changes, 0)
+    for method, sweep in sweeps(runs).items():
+        make(f"{method}-seed1", runs[sweep["kept"]]["changes"], 1)
+    if measure:
+        measure_runs(results, runs)
+    return runs
+
+
+def measure_runs(results: str, runs: dict, names=None) -> None:
+    """Measure in full (`features_vs_pixels.measure_checkpoint`) the runs `names` (default: every run
+    with a checkpoint on disk and no measures yet), I-JEPA's seed runs with the baselines, and keep
+    each in the file as soon as it is measured."""
+    for name in names or [n for n, r in runs.items() if "measures" not in r and r.get("checkpoint")
+                          and os.path.exists(r["checkpoint"])]:
+        print(f"measuring {name} ({runs[name]['checkpoint']})", file=sys.stderr)
+        runs[name]["measures"] = FV.measure_checkpoint(runs[name]["checkpoint"],
+                                                       baselines=name.startswith(f"{BASELINE}-seed"))
+        learning.record(results, name, runs[name])  # kept run by run: a stopped measurement loses one run
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", help="the JSON file of runs written by learning.py --record")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--run", type=float, metavar="MINUTES", help="first make the runs the file lacks (run_study), "
+                    "each method but I-JEPA trained for MINUTES: I-JEPA's demo-recipe time on this machine")
+    ap.add_argument("--runs-dir", default="checkpoints/methods", help="where --run keeps each run's checkpoint")
     ap.add_argument("--measure", nargs="*", metavar="NAME", help="first measure these runs' encoders in full "
                     "(studies/features_vs_pixels.py: few labels, fine-tuning, depth, factors; I-JEPA's seed runs also "
                     "the baselines) and keep the numbers in the file; with no NAME, every run with a checkpoint on "
                     "disk and no measures yet")
     args = ap.parse_args(argv)
+    if args.run is not None:
+        run_study(args.runs, args.runs_dir, args.run, measure=False)
     if not os.path.exists(args.runs):
         print(f"methods.py: error: no file {args.runs}: record runs with benchmarks/learning.py --record {args.runs} "
               f"--name NAME", file=sys.stderr)
@@ -136,12 +212,7 @@ def main(argv=None) -> int:
         if unknown:
             print(f"methods.py: error: no runs named {sorted(unknown)} in {args.runs}", file=sys.stderr)
             return 1
-        for name in args.measure or [n for n, r in runs.items() if "measures" not in r and r.get("checkpoint")
-                                     and os.path.exists(r["checkpoint"])]:
-            print(f"measuring {name} ({runs[name]['checkpoint']})", file=sys.stderr)
-            runs[name]["measures"] = FV.measure_checkpoint(runs[name]["checkpoint"],
-                                                           baselines=name.startswith(f"{BASELINE}-seed"))
-            learning.record(args.runs, name, runs[name])  # kept run by run: a stopped measurement loses one run
+        measure_runs(args.runs, runs, args.measure)
     result = {"sweeps": sweeps(runs), "verdicts": verdicts(runs)}
     if args.json:
         print(json.dumps(result, indent=1))

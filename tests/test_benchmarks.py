@@ -571,3 +571,21 @@ def test_collapse_study_probes_after_each_segment_and_skips_recorded_runs(tmp_pa
     results.write_text(json.dumps({"healthy-seed0": {"switch": "healthy"}}))
     CB.main(["--switches", "healthy", "--seeds", "0", "--results", str(results), "--runs", str(tmp_path)])
     assert "healthy-seed0: in" in capsys.readouterr().out and not (tmp_path / "healthy-seed0").exists()
+
+
+@pytest.mark.slow
+def test_methods_run_study_makes_every_run_once_and_seed_1_of_the_kept_setting(tmp_path):
+    results = str(tmp_path / "runs.json")
+    base = {"num_images": 32, "resolution": 32, "batch_size": 16}
+    runs = methods.run_study(results, str(tmp_path / "runs"), minutes=0.02, base=base, probe=(40, 20),
+                             ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, measure=False, progress=False)
+    kept = {method: sweep["kept"] for method, sweep in methods.sweeps(runs).items()}
+    assert set(runs) == {"ijepa-seed0", "ijepa-seed1", *methods.SWEEPS, "mae-seed1", "sigreg-seed1"}
+    assert runs["mae-seed1"]["changes"] == runs[kept["mae"]]["changes"] and runs["mae-seed1"]["seed"] == 1
+    assert runs["sigreg-sweep-w0.1"]["command"].startswith("python train.py --num-images 32")
+    assert "--method sigreg --sigreg-weight 0.1 --seed 0" in runs["sigreg-sweep-w0.1"]["command"]
+    assert json.loads(open(results).read()) == runs
+    before = os.path.getmtime(results)
+    methods.run_study(results, str(tmp_path / "runs"), minutes=0.02, base=base, probe=(40, 20),
+                      ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, measure=False, progress=False)
+    assert os.path.getmtime(results) == before  # nothing made twice
