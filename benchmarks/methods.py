@@ -136,13 +136,14 @@ def train_flags(fields: dict) -> list:
 
 
 def run_study(results: str, runs_dir: str, minutes: float, base=None, probe=(4000, 2000), ijepa_runs=IJEPA_RUNS,
-              ijepa_steps: int = T.DEMO_STEPS, measure: bool = True, progress: bool = True) -> dict:
+              ijepa_steps: int = T.DEMO_STEPS, measure: bool = True, progress: bool = True, **sizes) -> dict:
     """Make every run of the study that `results` (the runs file) lacks, and return the file's runs:
     I-JEPA's two seeds (the demo recipe, `ijepa_steps` long, trained into `ijepa_runs` if missing), the SWEEPS on seed 0
     (each for `minutes` into runs_dir/NAME), then seed 1 of each method's kept setting; each is
     probed (`learning.probe_table`, no pixels) and recorded with the command that makes it, then,
-    with `measure`, measured in full (`measure_runs`). `base`: TrainConfig fields every run shares
-    (small runs for the notebook's quick mode). A run already in the file is not made again."""
+    with `measure`, measured in full (`measure_runs`; `sizes`: measure_checkpoint's sizes). `base`:
+    TrainConfig fields every run shares (small runs for the notebook's quick mode). A run already in
+    the file is not made again."""
     base = base or {}
     runs = {}
     if os.path.exists(results):
@@ -171,19 +172,19 @@ def run_study(results: str, runs_dir: str, minutes: float, base=None, probe=(400
     for method, sweep in sweeps(runs).items():
         make(f"{method}-seed1", runs[sweep["kept"]]["changes"], 1)
     if measure:
-        measure_runs(results, runs)
+        measure_runs(results, runs, **sizes)
     return runs
 
 
-def measure_runs(results: str, runs: dict, names=None) -> None:
+def measure_runs(results: str, runs: dict, names=None, **sizes) -> None:
     """Measure in full (`features_vs_pixels.measure_checkpoint`) the runs `names` (default: every run
     with a checkpoint on disk and no measures yet), I-JEPA's seed runs with the baselines, and keep
-    each in the file as soon as it is measured."""
+    each in the file as soon as it is measured. `sizes`: measure_checkpoint's (n_train, draws, ...)."""
     for name in names or [n for n, r in runs.items() if "measures" not in r and r.get("checkpoint")
                           and os.path.exists(r["checkpoint"])]:
         print(f"measuring {name} ({runs[name]['checkpoint']})", file=sys.stderr)
         runs[name]["measures"] = FV.measure_checkpoint(runs[name]["checkpoint"],
-                                                       baselines=name.startswith(f"{BASELINE}-seed"))
+                                                       baselines=name.startswith(f"{BASELINE}-seed"), **sizes)
         learning.record(results, name, runs[name])  # kept run by run: a stopped measurement loses one run
 
 

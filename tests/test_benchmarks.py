@@ -174,7 +174,7 @@ def test_methods_measure_keeps_each_runs_measures_in_the_file(tmp_path, monkeypa
     path.write_text(json.dumps(runs))
     calls = []
     monkeypatch.setattr(methods.FV, "measure_checkpoint",
-                        lambda checkpoint, baselines: calls.append(baselines) or {"baselines": baselines})
+                        lambda checkpoint, baselines, **sizes: calls.append(baselines) or {"baselines": baselines})
     assert methods.main([str(path), "--measure"]) == 0
     kept = json.loads(path.read_text())
     assert kept["ijepa-seed0"]["measures"] == {"baselines": True} and kept["mae-seed0"]["measures"] == {"baselines": False}
