@@ -19,21 +19,23 @@ import evaluate as E
 from evaluation.factors import factor_probes
 from evaluation.probes import label_efficiency
 from evaluation.stats import standard_error
-from studies.supervised import fine_tune_last_block
+from studies.supervised import fine_tune_last_block, train_supervised
 
 LABEL_BUDGETS = (1, 10, 100)  # labelled scenes per class for the few-label probe ("all" is the linear probe)
 FINE_TUNE_STEPS = 300  # batches of 128: about 10 passes over 4,000 labelled scenes
+SUPERVISED_MINUTES = 2.0  # the same network trained whole on each label from its initial weights (Linear_Probe's baseline)
 
 
 def measure_checkpoint(checkpoint: str, encoder: str = "teacher", n_train: int = 4000, n_test: int = 2000,
                        depth_train: int = 2000, depth_test: int = 500, budgets=LABEL_BUDGETS, draws: int = 5,
                        fine_tune_steps: int = FINE_TUNE_STEPS, cache_dir="data/feature-cache", baselines: bool = False,
-                       progress: bool = False) -> dict:
+                       supervised_minutes: float = SUPERVISED_MINUTES, progress: bool = False) -> dict:
     """Every measurement of one encoder of a train.py checkpoint on the scenes (the splits of the
     run's seed): {"linear": {label: probe numbers}, "few_labels": {label: {n: ...}}, "fine_tune":
     {label: {"top1", "stderr", "steps"}}, "depth": {...}, "factors": {factor: {"r2", "r2_se", ...}}}.
     With `baselines`, the same (except fine-tuning) for raw pixels and the network at its initial
-    weights, and the depth of the per-position mean, under "baselines"."""
+    weights, the depth of the per-position mean, and the network trained whole on each label for
+    `supervised_minutes` (`train_supervised`), under "baselines"."""
     got = E.checkpoint_features(checkpoint, "scenes", n_train, n_test, cache_dir=cache_dir, pixels=baselines,
                                 progress=progress, encoders=(encoder, "random_init") if baselines else (encoder,))
     cfg = got["config"]
@@ -73,4 +75,11 @@ def measure_checkpoint(checkpoint: str, encoder: str = "teacher", n_train: int =
     if baselines:
         result["baselines"] = {name: measured(name) for name in ("random_init", "pixels")}
         result["baselines"]["position_mean"] = {"depth": {k: v for k, v in depth["position_mean"].items() if k != "prediction"}}
+        result["baselines"]["supervised"] = {}
+        for label in got["labels"]:
+            y_train, y_test = (torch.as_tensor(np.asarray(got[k][label])) for k in ("train_labels", "test_labels"))
+            top1, steps = train_supervised(got["train_images"], y_train, got["test_images"], y_test,
+                                           data.num_classes(label), supervised_minutes, cfg.patch_size, seed=cfg.seed)
+            result["baselines"]["supervised"][label] = {"top1": top1, "stderr": standard_error(top1, len(y_test)),
+                                                        "steps": steps, "minutes": supervised_minutes}
     return result

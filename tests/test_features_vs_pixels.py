@@ -16,7 +16,8 @@ def test_measure_checkpoint_gives_every_number_of_the_comparison(tmp_path, metho
     T.train(T.TrainConfig(steps=2, num_images=32, batch_size=16, method=method, out=str(tmp_path), **extra),
             progress=False)
     got = FV.measure_checkpoint(str(tmp_path / "checkpoint.pt"), n_train=80, n_test=40, depth_train=20, depth_test=10,
-                                budgets=(1, 5), draws=2, fine_tune_steps=2, cache_dir=None, baselines=True)
+                                budgets=(1, 5), draws=2, fine_tune_steps=2, cache_dir=None, baselines=True,
+                                supervised_minutes=0.01)
     for measured in (got, got["baselines"]["random_init"], got["baselines"]["pixels"]):
         assert set(measured["linear"]) == set(data.LABELS) == set(measured["few_labels"])
         assert all(0 <= r["best_top1"] <= 1 for r in measured["linear"].values())
@@ -26,3 +27,4 @@ def test_measure_checkpoint_gives_every_number_of_the_comparison(tmp_path, metho
         assert measured["depth"]["rmse"] > 0
     assert all(r["steps"] == 2 and 0 <= r["top1"] <= 1 for r in got["fine_tune"].values())
     assert got["baselines"]["position_mean"]["depth"]["rmse"] > 0
+    assert all(r["steps"] >= 1 and 0 <= r["top1"] <= 1 for r in got["baselines"]["supervised"].values())
