@@ -35,7 +35,8 @@ from evaluation.rankme import image_rankme, rankme
 from studies import ec_ijepa, mae, sigreg
 
 
-METHODS = ("ijepa", "mae", "sigreg")
+METHODS = ("ijepa", "mae", "pixels", "sigreg")
+PIXEL_METHODS = ("mae", "pixels")  # the decoder predicts each hidden patch's pixels (studies/mae.py)
 DEMO_STEPS = 1200  # the demo recipe's length when no --steps, --epochs or --minutes is given (12.8 epochs)
 DEMO_OUT = "checkpoints/demo"  # where the command line writes when no --out is given
 
@@ -66,8 +67,9 @@ class TrainConfig:
                                          f"(none, as released; layernorm: trainable; free: without parameters)")
     condition_encoders: bool = option(False, "train the encoder-conditioned variant (studies/ec_ijepa.py)")
     method: str = option("ijepa", f"one of {METHODS}: I-JEPA, MAE (pixels of randomly masked patches, "
-                                  f"studies/mae.py; needs --loss mse) or a JEPA without teacher kept from collapse "
-                                  f"by SIGReg (studies/sigreg.py)")
+                                  f"studies/mae.py; needs --loss mse), pixels (I-JEPA's masks and predictor with "
+                                  f"MAE's pixel targets: the I-JEPA paper's Table 7 ablation; needs --loss mse) or a "
+                                  f"JEPA without teacher kept from collapse by SIGReg (studies/sigreg.py)")
     mask_ratio: float = option(mae.MASK_RATIO, "--method mae: the share of patches hidden (random masking)")
     sigreg_weight: float = option(sigreg.SIGREG_WEIGHT, "--method sigreg: lambda in (1 - lambda) prediction + lambda SIGReg")
     sigreg_slices: int = option(sigreg.SIGREG_SLICES, "--method sigreg: random directions SIGReg tests per step")
@@ -103,7 +105,7 @@ class TrainConfig:
 
     def make_masking(self):
         """The mask sampler this run trains with (models.make_masking, with num_targets for multiblock;
-        MAE's random masking for --method mae)."""
+        MAE's random masking for --method mae; --method pixels keeps the JEPAs' masks)."""
         multiblock_only = (self.num_targets != TrainConfig.num_targets
                            or tuple(self.context_scale) != TrainConfig.context_scale)
         if self.method == "mae":
@@ -125,9 +127,9 @@ class TrainConfig:
 
 def build_model(cfg: TrainConfig) -> M.IJEPA:
     """The model a config trains: I-JEPA, its encoder-conditioned variant (studies/ec_ijepa.py),
-    MAE (studies/mae.py) or the SIGReg JEPA (studies/sigreg.py). Each builds its student first,
+    MAE (studies/mae.py; with I-JEPA's masks for --method pixels) or the SIGReg JEPA (studies/sigreg.py). Each builds its student first,
     from the same draws, so one seed gives every method the same initial encoder."""
-    if cfg.method == "mae":
+    if cfg.method in PIXEL_METHODS:  # "pixels": the same model; only its masks differ (make_masking)
         return mae.MAE(cfg.jepa_config())
     if cfg.method == "sigreg":
         return sigreg.SIGRegJEPA(cfg.jepa_config(), cfg.sigreg_weight, cfg.sigreg_slices)
@@ -157,10 +159,10 @@ def check_config(cfg: TrainConfig) -> None:
     cfg.jepa_config()  # preset, feature norm and loss names
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
-    if cfg.method == "mae" and cfg.loss != "mse":
-        raise ValueError("--method mae regresses pixels with the mean squared error, as MAE does: add --loss mse")
-    if cfg.method == "mae" and cfg.predictor_norm != "none":
-        raise ValueError("--predictor-norm normalises predicted features; MAE's decoder predicts pixels")
+    if cfg.method in PIXEL_METHODS and cfg.loss != "mse":
+        raise ValueError(f"--method {cfg.method} regresses pixels with the mean squared error, as MAE does: add --loss mse")
+    if cfg.method in PIXEL_METHODS and cfg.predictor_norm != "none":
+        raise ValueError(f"--predictor-norm normalises predicted features; --method {cfg.method}'s decoder predicts pixels")
     if not all(0 <= m <= 1 for m in cfg.ema):
         raise ValueError(f"--ema momenta must be from 0 to 1 (0: the teacher is the student, 1: it never moves), "
                          f"got {cfg.ema}")

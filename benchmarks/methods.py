@@ -4,7 +4,8 @@ The runs file (R = benchmarks/results/methods.json) holds each run's probe of te
 random init on `shape`, `count` and `distance`, the command that made it, and, once measured, every
 number of `studies/features_vs_pixels.py` (few labels, fine-tuning, depth, factors). `--run M`
 makes the runs R lacks (`run_study`): I-JEPA's demo recipe on seeds 0 and 1 (the normalisation
-study's runs, trained if missing), the SWEEPS on seed 0, then seed 1 of each method's kept setting;
+study's runs, trained if missing), the SWEEPS on seed 0, then seed 1 of each method's kept setting,
+and pixel targets under I-JEPA's own masks (`--method pixels`, the I-JEPA paper's Table 7) on both;
 every run but I-JEPA's trains for M minutes, I-JEPA's demo-recipe time on the same machine, so that
 every method gets the same wall-clock budget (MAE's encoder sees a quarter of the tokens, so it
 takes more steps in M). A run made by `benchmarks/learning.py --record R --name NAME --out DIR` is
@@ -23,7 +24,7 @@ read the same way. The rules, stated before the numbers:
   3. A verdict per label counts only when both seeds agree: "better" or "worse" on both; anything
      else is "no difference the seeds agree on".
 
-    python benchmarks/methods.py R --run 14.2           # make what R lacks (about 2 hours on 2 cores), then judge
+    python benchmarks/methods.py R --run 14.2           # make what R lacks (about 2.5 hours on 2 cores), then judge
     python benchmarks/methods.py R --measure            # measure every kept checkpoint in full, then judge
     python benchmarks/methods.py R                      # the sweeps, the seeds, the verdicts
     python benchmarks/methods.py R --json               # the same as JSON
@@ -118,6 +119,9 @@ SWEEPS = {
 }
 # I-JEPA: the demo recipe, whose runs of seeds 0 and 1 the normalisation study keeps (Loss_Maps.ipynb)
 IJEPA_RUNS = "checkpoints/norm-study/layernorm-seed{seed}"
+# Pixel targets under I-JEPA's own masks and predictor (the I-JEPA paper's Table 7 ablation): no knob of
+# its own to sweep, seeds 0 and 1
+PIXELS = {"method": "pixels", "loss": "mse"}
 
 
 def train_flags(fields: dict) -> list:
@@ -139,7 +143,8 @@ def run_study(results: str, runs_dir: str, minutes: float, base=None, probe=(400
               ijepa_steps: int = T.DEMO_STEPS, measure: bool = True, progress: bool = True, **sizes) -> dict:
     """Make every run of the study that `results` (the runs file) lacks, and return the file's runs:
     I-JEPA's two seeds (the demo recipe, `ijepa_steps` long, trained into `ijepa_runs` if missing), the SWEEPS on seed 0
-    (each for `minutes` into runs_dir/NAME), then seed 1 of each method's kept setting; each is
+    (each for `minutes` into runs_dir/NAME), then seed 1 of each method's kept setting, then pixel
+    targets under I-JEPA's masks (PIXELS) on both seeds; each is
     probed (`learning.probe_table`, no pixels) and recorded with the command that makes it, then,
     with `measure`, measured in full (`measure_runs`; `sizes`: measure_checkpoint's sizes). `base`:
     TrainConfig fields every run shares (small runs for the notebook's quick mode). A run already in
@@ -171,6 +176,8 @@ def run_study(results: str, runs_dir: str, minutes: float, base=None, probe=(400
         make(name, changes, 0)
     for method, sweep in sweeps(runs).items():
         make(f"{method}-seed1", runs[sweep["kept"]]["changes"], 1)
+    for seed in (0, 1):
+        make(f"pixels-seed{seed}", PIXELS, seed)
     if measure:
         measure_runs(results, runs, **sizes)
     return runs

@@ -580,7 +580,8 @@ def test_methods_run_study_makes_every_run_once_and_seed_1_of_the_kept_setting(t
     runs = methods.run_study(results, str(tmp_path / "runs"), minutes=0.02, base=base, probe=(40, 20),
                              ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, measure=False, progress=False)
     kept = {method: sweep["kept"] for method, sweep in methods.sweeps(runs).items()}
-    assert set(runs) == {"ijepa-seed0", "ijepa-seed1", *methods.SWEEPS, "mae-seed1", "sigreg-seed1"}
+    assert set(runs) == {"ijepa-seed0", "ijepa-seed1", *methods.SWEEPS, "mae-seed1", "sigreg-seed1", "pixels-seed0",
+                         "pixels-seed1"}
     assert runs["mae-seed1"]["changes"] == runs[kept["mae"]]["changes"] and runs["mae-seed1"]["seed"] == 1
     assert runs["sigreg-sweep-w0.1"]["command"].startswith("python train.py --num-images 32")
     assert "--method sigreg --sigreg-weight 0.1 --seed 0" in runs["sigreg-sweep-w0.1"]["command"]

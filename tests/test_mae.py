@@ -75,6 +75,7 @@ def test_a_training_step_leaves_the_teacher_slot_equal_to_the_encoder():
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "mae"], "--method mae regresses pixels with the mean squared error, as MAE does: add --loss mse"),
+    (["--method", "pixels"], "--method pixels regresses pixels with the mean squared error, as MAE does: add --loss mse"),
     (["--method", "mae", "--loss", "mse", "--num-targets", "2"], "--masking, --num-targets and --context-scale apply to the JEPAs"),
     (["--method", "mae", "--loss", "mse", "--mask-ratio", "0"], "--mask-ratio must be between 0 and 1"),
     (["--method", "mae", "--loss", "mse", "--condition-encoders"], "--method mae has one"),
@@ -88,14 +89,25 @@ def test_bad_method_flags_name_the_flag(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_pixel_targets_with_ijepas_masks():
+    # --method pixels: MAE's model (pixel targets, MSE) under I-JEPA's multi-block masks, the I-JEPA
+    # paper's Table 7 ablation; --method mae hides a random share of the patches instead
+    pixels = T.TrainConfig(method="pixels", loss="mse")
+    assert isinstance(pixels.make_masking(), M.MultiBlockMasking) and type(T.build_model(pixels)) is MAE.MAE
+    assert isinstance(T.TrainConfig(method="mae", loss="mse").make_masking(), MAE.RandomMasking)
+    model = T.build_model(pixels)
+    batch = M.mask_images(torch.rand(2, 3, 32, 32), 8, pixels.make_masking(), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.encode_targets(batch), MAE.normalized_pixels(batch.hidden_patches))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["mae", "sigreg"])
+@pytest.mark.parametrize("method", ["mae", "pixels", "sigreg"])
 def test_every_evaluation_takes_the_checkpoint_of_a_new_method(method, tmp_path):
     import json
 
     import evaluate as E
 
-    extra = dict(loss="mse") if method == "mae" else dict(sigreg_slices=16)
+    extra = dict(loss="mse") if method in T.PIXEL_METHODS else dict(sigreg_slices=16)
     T.train(T.TrainConfig(steps=2, method=method, num_images=48, resolution=32, batch_size=16, out=str(tmp_path),
                           **extra), progress=False)
     ckpt = str(tmp_path / "checkpoint.pt")

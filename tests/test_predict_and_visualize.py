@@ -273,5 +273,5 @@ def test_bad_inputs_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
     assert "do not fit" in error(["--checkpoint", str(tmp_path / "other.pt")])
     mae = T.train(T.TrainConfig(steps=1, method="mae", loss="mse", num_images=48, resolution=32, batch_size=16,
                                 out=str(tmp_path / "mae")), progress=False)
-    assert mae.steps == 1 and "MAE checkpoint: its decoder predicts pixels" in \
+    assert mae.steps == 1 and "checkpoint of --method mae: its decoder predicts pixels" in \
         error(["--checkpoint", str(tmp_path / "mae" / "checkpoint.pt")])

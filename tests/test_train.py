@@ -343,7 +343,7 @@ def test_mae_and_the_sigreg_jepa_lower_their_losses():
     (["--num-targets", "0"], "--num-targets must be at least 1, got 0"),
     (["--ema", "0.5", "1.5"], "--ema momenta must be from 0 to 1"),
     (["--predictor-norm", "rms"], "unknown predictor norm 'rms'"),
-    (["--method", "mae", "--loss", "mse", "--predictor-norm", "free"], "MAE's decoder predicts pixels"),
+    (["--method", "mae", "--loss", "mse", "--predictor-norm", "free"], "--method mae's decoder predicts pixels"),
     (["--num-targets", "2", "--masking", "window"], "--num-targets and --context-scale apply to multiblock masking only, not 'window'"),
     (["--shift", "-1"], "--shift must be from 0 to less than half the resolution (32), got -1"),
     (["--shift", "16", "--resolution", "32", "--patch-size", "4"], "less than half the resolution (16), got 16"),
