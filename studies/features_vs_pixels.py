@@ -47,6 +47,9 @@ def measure_checkpoint(checkpoint: str, encoder: str = "teacher", n_train: int =
     depth = E.run_depth(checkpoint, "scenes", depth_train, depth_test, progress=False,
                         encoders=(encoder, "random_init") if baselines else (encoder,), baselines=baselines)
 
+    def no_picture(numbers):  # a depth result without its predicted depth maps
+        return {k: v for k, v in numbers.items() if k != "prediction"}
+
     def measured(name):
         train_layers, test_layers = features[name]
         out = {"linear": {}, "few_labels": {}}
@@ -61,25 +64,26 @@ def measure_checkpoint(checkpoint: str, encoder: str = "teacher", n_train: int =
         out["factors"] = factor_probes(train_layers, factors["train"], test_layers, factors["test"],
                                        data.ANGLE_SYMMETRY, seed=cfg.seed)
         if name in depth:
-            out["depth"] = {k: v for k, v in depth[name].items() if k != "prediction"}
+            out["depth"] = no_picture(depth[name])
         return out
 
-    result = measured(encoder)
-    model_encoder = E.checkpoint_encoders(checkpoint)[0][encoder]
-    result["fine_tune"] = {}
-    for label in got["labels"]:
-        y_train, y_test = (torch.as_tensor(np.asarray(got[k][label])) for k in ("train_labels", "test_labels"))
-        top1, steps = fine_tune_last_block(model_encoder, got["train_images"], y_train, got["test_images"], y_test,
-                                           data.num_classes(label), fine_tune_steps, seed=cfg.seed)
-        result["fine_tune"][label] = {"top1": top1, "stderr": standard_error(top1, len(y_test)), "steps": steps}
-    if baselines:
-        result["baselines"] = {name: measured(name) for name in ("random_init", "pixels")}
-        result["baselines"]["position_mean"] = {"depth": {k: v for k, v in depth["position_mean"].items() if k != "prediction"}}
-        result["baselines"]["supervised"] = {}
+    def trained_on_labels(fit, **more):  # fit(train y, test y, classes) -> (top1, steps), for every label
+        out = {}
         for label in got["labels"]:
             y_train, y_test = (torch.as_tensor(np.asarray(got[k][label])) for k in ("train_labels", "test_labels"))
-            top1, steps = train_supervised(got["train_images"], y_train, got["test_images"], y_test,
-                                           data.num_classes(label), supervised_minutes, cfg.patch_size, seed=cfg.seed)
-            result["baselines"]["supervised"][label] = {"top1": top1, "stderr": standard_error(top1, len(y_test)),
-                                                        "steps": steps, "minutes": supervised_minutes}
+            top1, steps = fit(y_train, y_test, data.num_classes(label))
+            out[label] = {"top1": top1, "stderr": standard_error(top1, len(y_test)), "steps": steps, **more}
+        return out
+
+    x_train, x_test = got["train_images"], got["test_images"]
+    result = measured(encoder)
+    pretrained = E.checkpoint_encoders(checkpoint)[0][encoder]
+    result["fine_tune"] = trained_on_labels(lambda y_train, y_test, classes: fine_tune_last_block(
+        pretrained, x_train, y_train, x_test, y_test, classes, fine_tune_steps, seed=cfg.seed))
+    if baselines:
+        result["baselines"] = {name: measured(name) for name in ("random_init", "pixels")}
+        result["baselines"]["position_mean"] = {"depth": no_picture(depth["position_mean"])}
+        result["baselines"]["supervised"] = trained_on_labels(lambda y_train, y_test, classes: train_supervised(
+            x_train, y_train, x_test, y_test, classes, supervised_minutes, cfg.patch_size, seed=cfg.seed),
+            minutes=supervised_minutes)
     return result
