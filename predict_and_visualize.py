@@ -622,8 +622,8 @@ def run(checkpoint: str, dataset: str = "scenes", num_images: int = NUM_IMAGES, 
     check_sizes(num_images, gallery_size, train_images, decoder_steps)
     model, cfg = T.model_from_checkpoint(checkpoint)
     if cfg.method in T.PIXEL_METHODS:
-        raise ValueError(f"{checkpoint} is a checkpoint of --method {cfg.method}: its decoder predicts pixels, and this job measures "
-                         f"predicted features against the teacher's. Probe its encoder with evaluate.py probe or depth")
+        raise ValueError(f"{checkpoint} is a checkpoint of --method {cfg.method}: its decoder predicts pixels, and "
+                         f"this job measures predicted features against the teacher's. Probe its encoder with evaluate.py probe or depth")
     resolution = resolution or cfg.resolution
     check_image_size(resolution, resolution, cfg.patch_size)  # before the loaders, whose own limits would hide the reason
     held_out, regions, train_x = load_images(dataset, resolution, max(num_images, gallery_size), train_images, cfg.seed)

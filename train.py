@@ -127,8 +127,9 @@ class TrainConfig:
 
 def build_model(cfg: TrainConfig) -> M.IJEPA:
     """The model a config trains: I-JEPA, its encoder-conditioned variant (studies/ec_ijepa.py),
-    MAE (studies/mae.py; with I-JEPA's masks for --method pixels) or the SIGReg JEPA (studies/sigreg.py). Each builds its student first,
-    from the same draws, so one seed gives every method the same initial encoder."""
+    MAE (studies/mae.py; with I-JEPA's masks for --method pixels) or the SIGReg JEPA
+    (studies/sigreg.py). Each builds its student first, from the same draws, so one seed gives every
+    method the same initial encoder."""
     if cfg.method in PIXEL_METHODS:  # "pixels": the same model; only its masks differ (make_masking)
         return mae.MAE(cfg.jepa_config())
     if cfg.method == "sigreg":

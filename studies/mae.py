@@ -66,12 +66,18 @@ class PixelDecoder(M.Predictor):
         nn.init.zeros_(self.proj.bias)
 
 
+def patch_statistics(patches: torch.Tensor, eps: float = 1e-6) -> tuple:
+    """Patches (..., C*p*p) -> each patch's own mean and standard deviation, (..., 1) each
+    (population variance plus eps under the root, as MAE's norm_pix_loss)."""
+    mean = patches.mean(-1, keepdim=True)
+    return mean, torch.sqrt(patches.var(-1, keepdim=True, unbiased=False) + eps)
+
+
 def normalized_pixels(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Patches (..., C*p*p) -> each patch minus its own mean, over its own standard deviation
-    (population variance, as MAE's norm_pix_loss): the regression targets."""
-    mean = patches.mean(-1, keepdim=True)
-    var = patches.var(-1, keepdim=True, unbiased=False)
-    return (patches - mean) / torch.sqrt(var + eps)
+    (`patch_statistics`): the regression targets."""
+    mean, std = patch_statistics(patches, eps)
+    return (patches - mean) / std
 
 
 class MAE(M.IJEPA):
@@ -112,9 +118,9 @@ def reconstruct(model: MAE, images: torch.Tensor, masking, g: torch.Generator, n
     out = model.eval()(batch)
     model.train(was_training)
     N, (h, w) = len(images), batch.grids[0].tolist()
-    truth = batch.hidden_patches
-    mean, std = truth.mean(-1, keepdim=True), torch.sqrt(truth.var(-1, keepdim=True, unbiased=False) + 1e-6)
+    mean, std = patch_statistics(batch.hidden_patches)
     predicted = out.prediction * std + mean  # (B, Lh, C*p*p) back in the images' units
+
     def scatter(patches, pos, sample, keep, into):  # tokens (B, L, C*p*p) -> their images' rasters (N, h*w, C*p*p)
         into[sample[keep], pos[keep][:, 0] * w + pos[keep][:, 1]] = patches[keep]
 
