@@ -345,6 +345,12 @@ def load_checkpoint(path: str) -> dict:
                          f"({type(e).__name__}: {e}); delete it and start again, or resume from a good copy") from e
 
 
+def read_log(folder: str) -> list:
+    """The rows of a run's log.jsonl (one dict per logged step, as `train` writes them)."""
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def missing_keys(ckpt, keys) -> list:
     """The keys a checkpoint lacks of those given (all of them if it is not a dict)."""
     return [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]

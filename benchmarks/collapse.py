@@ -98,8 +98,7 @@ def run_switch(name: str, seed: int, out: str, probe_steps=PROBE_STEPS, splits=N
         result = T.train(dataclasses.replace(cfg, stop_after=step - done, resume=done > 0), progress=progress)
         done = result.steps
         probes[done] = probe_encoder(getattr(result.model, probed), splits)
-    with open(os.path.join(out, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
+    log = T.read_log(out)
     return {"switch": name, "seed": seed, "probed": probed, "changes": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
             "probes": probes, "log": log, "minutes": round((time.perf_counter() - start) / 60, 2)}
 

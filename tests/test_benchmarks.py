@@ -151,6 +151,35 @@ def test_methods_keeps_the_sweep_setting_of_best_validation_and_judges_by_both_s
     assert methods.verdicts(swept)["mae"]["shape"]["per_seed"][0]["a"] == 0.45
 
 
+def measured_run(method, seed, linear, tuned, n_test=2000):
+    # a seed run with the measures claim (b) reads: the frozen probe and the fine-tuned last block on `shape`
+    se = ST.standard_error
+    return {**method_run(method, seed, 0.5, linear, n_test, labels=("shape",)),
+            "measures": {"linear": {"shape": {"best_top1": linear, "stderr": se(linear, n_test)}},
+                         "fine_tune": {"shape": {"top1": tuned, "stderr": se(tuned, n_test)}}}}
+
+
+def test_methods_fine_tune_gains_compare_what_fine_tuning_adds_to_each_method():
+    runs = {"ijepa-seed0": measured_run("ijepa", 0, 0.40, 0.42), "ijepa-seed1": measured_run("ijepa", 1, 0.40, 0.41),
+            # MAE gains 20 and 19 points where I-JEPA gains 2 and 1: fine-tuning helps MAE more on both seeds
+            "mae-seed0": measured_run("mae", 0, 0.50, 0.70), "mae-seed1": measured_run("mae", 1, 0.50, 0.69)}
+    gains = methods.fine_tune_gains(runs)
+    assert gains["shape"]["verdict"] == "better"
+    d = gains["shape"]["per_seed"][0]
+    assert d["a"] == pytest.approx(0.20) and d["b"] == pytest.approx(0.02) and d["diff"] == pytest.approx(0.18)
+    se = ST.standard_error
+    assert d["se"] == pytest.approx(np.sqrt(se(0.7, 2000) ** 2 + se(0.5, 2000) ** 2 + se(0.42, 2000) ** 2 + se(0.4, 2000) ** 2))
+    # the same gains on one seed, none on the other: the seeds disagree
+    runs["mae-seed1"] = measured_run("mae", 1, 0.50, 0.51)
+    assert methods.fine_tune_gains(runs)["shape"]["verdict"] == "no difference the seeds agree on"
+    # a run not yet measured is left out; the kept sweep run stands as seed 0 when no mae-seed0 exists
+    del runs["mae-seed0"]
+    assert list(methods.fine_tune_gains(runs)["shape"]["per_seed"]) == [1]
+    runs["mae-sweep-a"] = measured_run("mae", 0, 0.50, 0.70)
+    assert methods.seed_runs(runs, "mae")[0] is runs["mae-sweep-a"]
+    assert list(methods.fine_tune_gains(runs)["shape"]["per_seed"]) == [0, 1]
+
+
 def test_methods_command_prints_the_sweep_and_the_verdicts(tmp_path, capsys):
     runs = {"ijepa-seed0": method_run("ijepa", 0, 0.5, 0.5), "ijepa-seed1": method_run("ijepa", 1, 0.5, 0.5),
             "mae-seed0": method_run("mae", 0, 0.4, 0.4), "mae-seed1": method_run("mae", 1, 0.4, 0.4),
@@ -182,6 +211,16 @@ def test_methods_measure_keeps_each_runs_measures_in_the_file(tmp_path, monkeypa
     assert methods.main([str(path), "--measure"]) == 0 and len(calls) == 2  # measured once
     assert methods.main([str(path), "--measure", "nobody"]) == 1
     assert "no runs named ['nobody']" in capsys.readouterr().err
+
+
+def test_methods_training_curve_keeps_evenly_spaced_rows_and_the_last(tmp_path):
+    rows = [{"step": 1 + 10 * i, "seconds": 0.5 * i, "loss": 1.0 / (1 + i)} for i in range(300)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    curve = methods.training_curve(str(tmp_path), points=120)
+    assert len(curve["seconds"]) == len(curve["loss"]) == 100  # every third row: 300 / 3
+    assert curve["seconds"][:3] == [0.0, 1.5, 3.0] and curve["seconds"][-1] == 149.5  # the last row, not row 297
+    assert curve["loss"][-1] == round(1 / 300, 5) and np.all(np.diff(curve["seconds"]) > 0)
+    assert len(methods.training_curve(str(tmp_path), points=1000)["loss"]) == 300  # a short log is kept whole
 
 
 @pytest.mark.slow
@@ -574,7 +613,7 @@ def test_collapse_study_probes_after_each_segment_and_skips_recorded_runs(tmp_pa
 
 
 @pytest.mark.slow
-def test_methods_run_study_makes_every_run_once_and_seed_1_of_the_kept_setting(tmp_path):
+def test_methods_run_study_makes_every_run_once_and_seed_1_of_the_kept_setting(tmp_path, monkeypatch):
     results = str(tmp_path / "runs.json")
     base = {"num_images": 32, "resolution": 32, "batch_size": 16}
     runs = methods.run_study(results, str(tmp_path / "runs"), minutes=0.02, base=base, probe=(40, 20),
@@ -585,8 +624,25 @@ def test_methods_run_study_makes_every_run_once_and_seed_1_of_the_kept_setting(t
     assert runs["mae-seed1"]["changes"] == runs[kept["mae"]]["changes"] and runs["mae-seed1"]["seed"] == 1
     assert runs["sigreg-sweep-w0.1"]["command"].startswith("python train.py --num-images 32")
     assert "--method sigreg --sigreg-weight 0.1 --seed 0" in runs["sigreg-sweep-w0.1"]["command"]
+    assert runs["ijepa-seed1"]["curve"]["loss"][-1] == round(methods.T.read_log(str(tmp_path / "ijepa-seed1"))[-1]["loss"], 5)
     assert json.loads(open(results).read()) == runs
     before = os.path.getmtime(results)
     methods.run_study(results, str(tmp_path / "runs"), minutes=0.02, base=base, probe=(40, 20),
                       ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, measure=False, progress=False)
     assert os.path.getmtime(results) == before  # nothing made twice
+    # a fresh clone keeps the file but not the checkpoints: the kept settings' seed 0 is trained again under its
+    # own name, and with `measure` each seed run is measured as soon as it is made (I-JEPA's with the baselines)
+    # and the sweeps are not
+    for name in kept.values():
+        os.remove(runs[name]["checkpoint"])
+    order = []
+    monkeypatch.setattr(methods.FV, "measure_checkpoint",
+                        lambda checkpoint, baselines, **sizes: order.append(checkpoint) or {"baselines": baselines})
+    again = methods.run_study(results, str(tmp_path / "runs"), minutes=0.02, base=base, probe=(40, 20),
+                              ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, progress=False)
+    assert set(again) == set(runs) | {"mae-seed0", "sigreg-seed0"}
+    assert again["mae-seed0"]["changes"] == runs[kept["mae"]]["changes"] and again["mae-seed0"]["seed"] == 0
+    measured = {name for name, run in again.items() if "measures" in run}
+    assert measured == {name for name in again if "-sweep-" not in name}
+    assert again["ijepa-seed0"]["measures"] == {"baselines": True} and again["pixels-seed1"]["measures"] == {"baselines": False}
+    assert order.index(again["mae-seed0"]["checkpoint"]) < order.index(again["mae-seed1"]["checkpoint"])
