@@ -613,36 +613,30 @@ def test_collapse_study_probes_after_each_segment_and_skips_recorded_runs(tmp_pa
 
 
 @pytest.mark.slow
-def test_methods_run_study_makes_every_run_once_and_seed_1_of_the_kept_setting(tmp_path, monkeypatch):
+def test_methods_run_study_makes_every_run_once_and_both_seeds_of_the_kept_setting(tmp_path, monkeypatch):
     results = str(tmp_path / "runs.json")
     base = {"num_images": 32, "resolution": 32, "batch_size": 16}
+    order = []  # the checkpoints measured, in order; each seed run is measured as soon as it is made
+    monkeypatch.setattr(methods.FV, "measure_checkpoint",
+                        lambda checkpoint, baselines, **sizes: order.append(checkpoint) or {"baselines": baselines})
     runs = methods.run_study(results, str(tmp_path / "runs"), minutes=0.02, base=base, probe=(40, 20),
-                             ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, measure=False, progress=False)
+                             ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, progress=False)
     kept = {method: sweep["kept"] for method, sweep in methods.sweeps(runs).items()}
-    assert set(runs) == {"ijepa-seed0", "ijepa-seed1", *methods.SWEEPS, "mae-seed1", "sigreg-seed1", "pixels-seed0",
-                         "pixels-seed1"}
-    assert runs["mae-seed1"]["changes"] == runs[kept["mae"]]["changes"] and runs["mae-seed1"]["seed"] == 1
+    assert set(runs) == {"ijepa-seed0", "ijepa-seed1", *methods.SWEEPS, "mae-seed0", "mae-seed1", "sigreg-seed0",
+                         "sigreg-seed1", "pixels-seed0", "pixels-seed1"}
+    # the sweep only chooses: seed 0 of the kept setting is a run of its own, sized by the clock; seed 1 takes its steps
+    for method in ("mae", "sigreg"):
+        assert runs[f"{method}-seed0"]["changes"] == runs[f"{method}-seed1"]["changes"] == runs[kept[method]]["changes"]
+        assert "--minutes 0.02" in runs[f"{method}-seed0"]["command"]
+        assert f"--seed 1 --steps {runs[f'{method}-seed0']['steps']} " in runs[f"{method}-seed1"]["command"]
     assert runs["sigreg-sweep-w0.1"]["command"].startswith("python train.py --num-images 32")
     assert "--method sigreg --sigreg-weight 0.1 --seed 0" in runs["sigreg-sweep-w0.1"]["command"]
     assert runs["ijepa-seed1"]["curve"]["loss"][-1] == round(methods.T.read_log(str(tmp_path / "ijepa-seed1"))[-1]["loss"], 5)
+    assert {name for name, run in runs.items() if "measures" in run} == {name for name in runs if "-sweep-" not in name}
+    assert runs["ijepa-seed0"]["measures"] == {"baselines": True} and runs["pixels-seed1"]["measures"] == {"baselines": False}
+    assert order.index(runs["mae-seed0"]["checkpoint"]) == order.index(runs["mae-seed1"]["checkpoint"]) - 1
     assert json.loads(open(results).read()) == runs
     before = os.path.getmtime(results)
     methods.run_study(results, str(tmp_path / "runs"), minutes=0.02, base=base, probe=(40, 20),
-                      ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, measure=False, progress=False)
-    assert os.path.getmtime(results) == before  # nothing made twice
-    # a fresh clone keeps the file but not the checkpoints: the kept settings' seed 0 is trained again under its
-    # own name, and with `measure` each seed run is measured as soon as it is made (I-JEPA's with the baselines)
-    # and the sweeps are not
-    for name in kept.values():
-        os.remove(runs[name]["checkpoint"])
-    order = []
-    monkeypatch.setattr(methods.FV, "measure_checkpoint",
-                        lambda checkpoint, baselines, **sizes: order.append(checkpoint) or {"baselines": baselines})
-    again = methods.run_study(results, str(tmp_path / "runs"), minutes=0.02, base=base, probe=(40, 20),
-                              ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, progress=False)
-    assert set(again) == set(runs) | {"mae-seed0", "sigreg-seed0"}
-    assert again["mae-seed0"]["changes"] == runs[kept["mae"]]["changes"] and again["mae-seed0"]["seed"] == 0
-    measured = {name for name, run in again.items() if "measures" in run}
-    assert measured == {name for name in again if "-sweep-" not in name}
-    assert again["ijepa-seed0"]["measures"] == {"baselines": True} and again["pixels-seed1"]["measures"] == {"baselines": False}
-    assert order.index(again["mae-seed0"]["checkpoint"]) < order.index(again["mae-seed1"]["checkpoint"])
+                      ijepa_runs=str(tmp_path / "ijepa-seed{seed}"), ijepa_steps=2, progress=False)
+    assert os.path.getmtime(results) == before and len(order) == 8  # nothing made or measured twice
