@@ -14,8 +14,8 @@ Its other seeds train the number of steps it reached, which is the same budget o
 under any load. (The sweep runs of the committed file took 14.2 minutes each, I-JEPA's demo time
 on an earlier, faster machine; their own speeds, matched by the runs made here, show that the
 machine they ran on took about 21.6 minutes for the demo, so the sweeps had about two thirds of the
-budget, all alike. They only choose the setting; the seed runs have the whole budget.) A run made by `benchmarks/learning.py --record R --name NAME --out DIR` is read the
-same way. The rules, stated before the numbers:
+budget, all alike. They only choose the setting; the seed runs have the whole budget.) A run made
+by `benchmarks/learning.py --record R --name NAME --out DIR` is read the same way. The rules, stated before the numbers:
 
   1. A sweep per method, on seed 0: each setting of the method's own knob (MAE: --mask-ratio and
      the decoder's depth; SIGReg: its weight) is a run named "<method>-sweep-<anything>". The
@@ -23,8 +23,7 @@ same way. The rules, stated before the numbers:
      layer, on the validation fifth of the probe's training scenes), averaged over the labels:
      never the test accuracy.
   2. The seeds: the kept setting, and I-JEPA, run over seeds 0 and 1 ("<method>-seed<k>",
-     "ijepa-seed<k>"; `run_study` trains both; in a file without a "<method>-seed0", the kept
-     sweep run stands as seed 0).
+     "ijepa-seed<k>"; a sweep run never stands as a seed: it may have had another budget).
      Each method's encoder (I-JEPA's teacher, the encoder the paper probes; the others have one
      encoder) is compared with I-JEPA's on each label by `evaluation.stats.compare` (beyond 2
      standard errors of the difference).
@@ -93,18 +92,8 @@ def accuracy_se(run: dict, label: str) -> tuple:
     return top1, ST.standard_error(top1, run[label]["n_test"])
 
 
-def seed_runs(runs: dict, method: str) -> dict:
-    """{seed: run} of a method: its runs named <method>-seed<k>, with the kept sweep run standing as
-    seed 0 where no <method>-seed0 exists (it was run on seed 0 at the same budget)."""
-    mine = seeds_of(runs, method)
-    sweep = sweeps(runs).get(method)
-    if 0 not in mine and sweep:
-        mine[0] = runs[sweep["kept"]]
-    return dict(sorted(mine.items()))
-
-
 def compared_methods(runs: dict) -> list:
-    """The methods with seed runs besides I-JEPA, in name order."""
+    """The methods with seed runs beside I-JEPA's, in name order."""
     return sorted({name.split("-seed")[0] for name in runs if "-seed" in name and "-sweep-" not in name} - {BASELINE})
 
 
@@ -114,7 +103,7 @@ def verdicts(runs: dict) -> dict:
     baseline = seeds_of(runs, BASELINE)
     out = {}
     for method in compared_methods(runs):
-        mine = seed_runs(runs, method)
+        mine = seeds_of(runs, method)
         shared = sorted(set(mine) & set(baseline))
         if not shared:
             continue
@@ -140,7 +129,7 @@ def fine_tune_gains(runs: dict, method: str = "mae") -> dict:
     def tuned(run):  # measured, with the fine-tuning
         return "fine_tune" in run.get("measures", {})
 
-    mine = {s: r for s, r in seed_runs(runs, method).items() if tuned(r)}
+    mine = {s: r for s, r in seeds_of(runs, method).items() if tuned(r)}
     baseline = {s: r for s, r in seeds_of(runs, BASELINE).items() if tuned(r)}
     shared = sorted(set(mine) & set(baseline))
     out = {}
@@ -152,8 +141,8 @@ def fine_tune_gains(runs: dict, method: str = "mae") -> dict:
     return out
 
 
-# The study's runs. The sweeps, on seed 0: each setting of each method's main knob. Seed 1 runs the
-# setting kept (`sweeps`). Every run but I-JEPA's trains for `minutes` of wall-clock time.
+# The study's runs. The sweeps, on seed 0: each setting of each method's main knob, trained for `minutes`
+# of wall-clock time. Seeds 0 and 1 then run the setting kept (`sweeps`).
 SWEEPS = {
     "mae-sweep-r0.6": {"method": "mae", "loss": "mse", "mask_ratio": 0.6},
     "mae-sweep-r0.75": {"method": "mae", "loss": "mse", "mask_ratio": 0.75},
@@ -205,11 +194,12 @@ def run_study(results: str, runs_dir: str, minutes: float | None = None, base=No
     kept setting, then pixel targets under I-JEPA's masks (PIXELS). The sweep only chooses: each
     method's seed 0 is a run of its own, trained for `minutes` on the machine where I-JEPA's demo
     took that long; its seed 1 trains the number of steps seed 0 reached, which is the same budget
-    on any machine and under any load, and can be trained in segments. Each run is probed (`learning.probe_table`, no pixels) and
-    recorded with its command and training curve; with `measure`, every seed run is also measured in
-    full (`measure_runs`; `sizes`: measure_checkpoint's sizes) before the next run starts, so each
-    record is whole when it lands and a lost checkpoint loses nothing. `base`: TrainConfig fields every
-    run shares (small runs for the notebook's quick mode). A run already in the file is not made again."""
+    on any machine and under any load, and can be trained in segments. Each run is probed
+    (`learning.probe_table`, no pixels) and recorded with its command and training curve; with
+    `measure`, every seed run is also measured in full (`measure_runs`; `sizes`: measure_checkpoint's
+    sizes) before the next run starts, so each record is whole when it lands and a lost checkpoint
+    loses nothing. `base`: TrainConfig fields every run shares (small runs for the notebook's quick
+    mode). A run already in the file is not made again."""
     base = base or {}
     runs = {}
     if os.path.exists(results):

@@ -145,10 +145,10 @@ def test_methods_keeps_the_sweep_setting_of_best_validation_and_judges_by_both_s
     # one seed alone never makes a verdict
     alone = {k: r for k, r in runs.items() if not k.endswith("seed1")}
     assert methods.verdicts(alone)["mae"]["shape"]["verdict"] == "no difference the seeds agree on"
-    # without a mae-seed0 run, the kept sweep run stands as seed 0
+    # a sweep run never stands as a seed (it may have had another budget): without mae-seed0, seed 1 alone
     swept = {k: r for k, r in runs.items() if k != "mae-seed0"}
-    swept["mae-sweep-r0.75"] = method_run("mae", 0, val=0.55, test=0.45)
-    assert methods.verdicts(swept)["mae"]["shape"]["per_seed"][0]["a"] == 0.45
+    assert list(methods.verdicts(swept)["mae"]["shape"]["per_seed"]) == [1]
+    assert methods.verdicts(swept)["mae"]["shape"]["verdict"] == "no difference the seeds agree on"
 
 
 def measured_run(method, seed, linear, tuned, n_test=2000):
@@ -172,12 +172,10 @@ def test_methods_fine_tune_gains_compare_what_fine_tuning_adds_to_each_method():
     # the same gains on one seed, none on the other: the seeds disagree
     runs["mae-seed1"] = measured_run("mae", 1, 0.50, 0.51)
     assert methods.fine_tune_gains(runs)["shape"]["verdict"] == "no difference the seeds agree on"
-    # a run not yet measured is left out; the kept sweep run stands as seed 0 when no mae-seed0 exists
-    del runs["mae-seed0"]
-    assert list(methods.fine_tune_gains(runs)["shape"]["per_seed"]) == [1]
+    # a run not yet measured is left out, and a sweep run never stands as a seed
+    runs["mae-seed0"] = method_run("mae", 0, 0.5, 0.5, labels=("shape",))
     runs["mae-sweep-a"] = measured_run("mae", 0, 0.50, 0.70)
-    assert methods.seed_runs(runs, "mae")[0] is runs["mae-sweep-a"]
-    assert list(methods.fine_tune_gains(runs)["shape"]["per_seed"]) == [0, 1]
+    assert list(methods.fine_tune_gains(runs)["shape"]["per_seed"]) == [1]
 
 
 def test_methods_command_prints_the_sweep_and_the_verdicts(tmp_path, capsys):
